@@ -1,0 +1,1 @@
+"""Export ReSSFormer checkpoints to ONNX (uses `ressformer`; `runtime` never imports this)."""

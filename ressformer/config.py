@@ -1,0 +1,116 @@
+"""Model configuration: a dataclass with presets. Imports no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+NORMALIZERS = ("entmax15", "sparsemax", "softmax")
+POS_ENCODINGS = ("none", "rope", "learned")
+
+
+@dataclass
+class ReSSFormerConfig:
+    vocab_size: int = 256  # byte-level tokens
+    d_model: int = 64
+    n_heads: int = 4
+    n_steps: int = 2  # K: how often the shared block is applied
+    shared: bool = True  # one shared block (R2MU); False = K independent layers (baseline)
+    top_k: int = 8  # keys per query (0 = all keys, i.e. dense)
+    normalizer: str = "entmax15"  # entmax15 | sparsemax | softmax
+    mem_slots: int = 4  # m; 0 disables the segment memory
+    segment_len: int = 32  # L
+    cache_len: int = 8  # C: previous segment's last states each step (<= segment_len)
+    n_experts: int = 4  # E
+    top_e: int = 2
+    d_ff: int = 128  # hidden width of each expert
+    conv_kernel: int = 4  # causal depthwise conv over embeddings (0 disables)
+    pos_encoding: str = "none"  # none | rope | learned (learned: baseline only)
+    max_positions: int = 0  # for pos_encoding == "learned"
+    rope_base: float = 10000.0
+    attn_chunk: int = 128  # queries per chunk of the score matrix
+    lambda_bal: float = 0.01  # Switch load-balancing loss weight
+    lambda_z: float = 0.0  # router z-loss weight
+    lambda_struct: float = 0.01  # SOES structural-continuity loss weight
+    detach_memory: bool = True  # cut gradients across segments (Transformer-XL style)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid ReSSFormerConfig: {msg}")
+
+        need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        need(self.d_model % self.n_heads == 0,
+             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        need(self.n_steps >= 1, f"n_steps must be >= 1, got {self.n_steps}")
+        need(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        need(self.normalizer in NORMALIZERS, f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        need(self.pos_encoding in POS_ENCODINGS,
+             f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        need(self.pos_encoding != "learned" or self.max_positions > 0,
+             "pos_encoding='learned' needs max_positions > 0")
+        need(self.segment_len >= 1, f"segment_len must be >= 1, got {self.segment_len}")
+        need(0 <= self.cache_len <= self.segment_len,
+             f"cache_len ({self.cache_len}) must be within [0, segment_len={self.segment_len}]")
+        need(self.mem_slots >= 0, f"mem_slots must be >= 0, got {self.mem_slots}")
+        need(self.n_experts >= 1 and 1 <= self.top_e <= self.n_experts,
+             f"need 1 <= top_e ({self.top_e}) <= n_experts ({self.n_experts})")
+        need(self.conv_kernel >= 0, f"conv_kernel must be >= 0, got {self.conv_kernel}")
+        need(self.attn_chunk >= 1, f"attn_chunk must be >= 1, got {self.attn_chunk}")
+        need(self.head_dim % 2 == 0 or self.pos_encoding != "rope", "rope needs an even head_dim")
+
+    # ---- presets -------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ReSSFormerConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"unknown config field(s): {', '.join(bad)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def baseline(self, d_ff: int | None = None) -> ReSSFormerConfig:
+        """The dense baseline of the same size: K independent layers, softmax over all keys,
+        learned absolute positions, no memory, no conv, one dense FFN per layer."""
+        return dataclasses.replace(
+            self, shared=False, top_k=0, normalizer="softmax", mem_slots=0, cache_len=0,
+            n_experts=1, top_e=1, d_ff=d_ff or self.d_ff, conv_kernel=0, pos_encoding="learned",
+            max_positions=self.segment_len, lambda_struct=0.0, lambda_bal=0.0)
+
+    # ---- serialization -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReSSFormerConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"config has unknown field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, dict] = {
+    # CI-sized: trains in seconds on a CPU.
+    "tiny": dict(d_model=64, n_heads=4, n_steps=2, top_k=8, mem_slots=4, segment_len=32,
+                 cache_len=8, n_experts=4, top_e=2, d_ff=128),
+    # CPU experiments (issue 7): about 2M parameters.
+    "small": dict(d_model=256, n_heads=8, n_steps=4, top_k=32, mem_slots=32, segment_len=256,
+                  cache_len=128, n_experts=8, top_e=2, d_ff=512),
+    # The paper's scale: d 768, 12 heads, K=4, top-32 keys, m=128 slots, E=8, top-2.
+    "base": dict(d_model=768, n_heads=12, n_steps=4, top_k=32, mem_slots=128, segment_len=1024,
+                 cache_len=256, n_experts=8, top_e=2, d_ff=3072),
+}
