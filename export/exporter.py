@@ -1,0 +1,231 @@
+"""Export a checkpoint to an ONNX folder: graphs + the `ressformer.json` sidecar (the runtime's
+whole contract). Written to a temporary folder, validated, then renamed: a failed or
+interrupted export leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from ressformer.checkpoint import checkpoint_hash, load_checkpoint
+from ressformer.ops import OPSET_VERSION
+
+from .modules import WRAPPERS, example_inputs
+from .ops import DOMAIN, SUPPORTED_OPSETS, check_normalizers, function_protos
+from .spec import graph_specs
+
+SIDECAR = "ressformer.json"
+FORMAT = "ressformer-export"
+FORMAT_VERSION = 1
+IR_VERSION = 10  # onnxruntime-gpu 1.31 accepts IR <= 13; 10 is what torch writes
+DTYPES = ("fp32", "fp16")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this, weights go to external data (protobuf's 2 GB cap)
+
+
+class ExportError(RuntimeError):
+    """The export could not be produced or failed validation; nothing was written."""
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 18,
+                      dtype: str = "fp32", steps: int | None = None, validate: bool = True,
+                      quantize: str | None = None, progress=print, overwrite: bool = False) -> Path:
+    """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError."""
+    out = Path(out)
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"unsupported opset {opset}; supported: {', '.join(map(str, SUPPORTED_OPSETS))}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unsupported quantization {quantize!r}; supported: int8")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {out} is not empty (pass overwrite to replace it)")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder's parent {parent}: {e}") from e
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output location {parent} is not writable")
+
+    model = load_checkpoint(checkpoint)
+    cfg = model.config
+    if not cfg.shared:
+        raise ValueError("export supports the shared-block ReSSFormer (config shared=True); "
+                         "the dense baseline is a PyTorch-only comparison model")
+    steps = steps or cfg.n_steps
+    specs = graph_specs(cfg, steps)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    t_start = time.perf_counter()
+    try:
+        graphs = {}
+        for i, (name, spec) in enumerate(specs.items(), 1):
+            t0 = time.perf_counter()
+            proto = _export_graph(model, name, spec, cfg, steps, opset)
+            if dtype == "fp16":
+                proto = _fp16_weights(proto)
+            path = tmp / spec.file
+            _save(proto, path)
+            if quantize == "int8":
+                _quantize_int8(path)
+            onnx.checker.check_model(str(path), full_check=True)
+            graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "bytes": _size(path)}
+            progress(f"[{i}/{len(specs)}] {spec.file}: {graphs[name]['bytes'] / 1e6:.2f} MB "
+                     f"in {time.perf_counter() - t0:.1f}s")
+        sidecar = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "ressformer_opset": {"domain": DOMAIN, "version": OPSET_VERSION},
+            "onnx_opset": opset, "ir_version": IR_VERSION, "dtype": dtype, "quantize": quantize,
+            "config": cfg.to_dict(), "steps": steps,
+            "segment_len": cfg.segment_len, "cache_len": cfg.cache_len, "mem_slots": cfg.mem_slots,
+            "tokenizer": {"type": "bytes", "vocab_size": cfg.vocab_size, "encoding": "utf-8"},
+            "checkpoint_sha256": checkpoint_hash(checkpoint),
+            "graphs": graphs,
+        }
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+        if validate:
+            progress("validating ONNX Runtime against PyTorch ...")
+            from parity_tests.ladder import validate_export
+
+            report = validate_export(model, tmp, progress=progress)
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2))
+            if not report["passed"]:
+                raise ExportError("export validation failed:\n" + report["summary"])
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"exported {checkpoint} -> {out} in {time.perf_counter() - t_start:.1f}s")
+    return out
+
+
+def _export_graph(model, name, spec, cfg, steps, opset) -> onnx.ModelProto:
+    wrapper = WRAPPERS[name](model, steps) if name == "full" else WRAPPERS[name](model)
+    args = example_inputs(name, cfg, steps)
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            wrapper.eval(), args, input_names=[i.name for i in spec.inputs],
+            output_names=[o.name for o in spec.outputs], dynamic_shapes=spec.dynamic_shapes(),
+            dynamo=True, opset_version=opset, optimize=True, verbose=False)
+    proto = prog.model_proto
+    used = {n.op_type for n in _nodes(proto.graph) if n.domain == DOMAIN}
+    if used:
+        proto.functions.extend(function_protos(cfg.normalizer, opset))
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
+    for o in proto.opset_import:
+        if o.domain == DOMAIN and o.version != OPSET_VERSION:
+            raise ExportError(f"{spec.file}: {DOMAIN} opset {o.version}, expected {OPSET_VERSION}")
+    proto.ir_version = IR_VERSION
+    proto.producer_name = "ressformer"
+    _name_dynamic_axes(proto, spec)
+    check_normalizers(proto)
+    return proto
+
+
+def _name_dynamic_axes(proto, spec):
+    """Give graph inputs/outputs the spec's axis names (torch names them s0, s1, ...)."""
+    ios = {io.name: io for io in (*spec.inputs, *spec.outputs)}
+    for vi in (*proto.graph.input, *proto.graph.output):
+        io = ios.get(vi.name)
+        if io is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(io.shape):
+            continue
+        for dim, s in zip(dims, io.shape):
+            if isinstance(s, str):
+                dim.dim_param = s
+
+
+def _nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _nodes(a.g)
+
+
+def _fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Store float32 initializers as float16, each followed by a Cast back to float32: half the
+    file size; computation stays float32 (ORT's CPU TopK has no float16 kernel)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = proto.graph
+    casts = []
+    for init in g.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(init).astype(np.float16)
+        name = init.name
+        new = numpy_helper.from_array(arr, name + "__fp16")
+        init.CopyFrom(new)
+        casts.append(onnx.helper.make_node("Cast", [name + "__fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                           name=f"cast_fp16_{len(casts)}"))
+    for c in reversed(casts):
+        g.node.insert(0, c)
+    return proto
+
+
+def _quantize_int8(path: Path) -> None:
+    """onnxruntime's dynamic quantization of the weight MatMuls (int8 weights, fp32 activations)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".q.onnx")
+    with _quiet():
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    os.replace(tmp, path)
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256(path.read_bytes())
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        h.update(data.read_bytes())
+    return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's own chatter (we print our own progress)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)

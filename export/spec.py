@@ -1,0 +1,83 @@
+"""Declarative export spec: which graphs are written, their inputs/outputs and named dynamic axes.
+
+Axis names: batch, length (tokens of the piece), past (keys/values of the current segment so far),
+segment (a finished segment's keys/values). Integers are static sizes from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IO:
+    name: str
+    dtype: str  # float32 | int64 | bool
+    shape: tuple  # ints (static) and axis names (dynamic)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    inputs: tuple[IO, ...]
+    outputs: tuple[IO, ...]
+    doc: str
+
+    def dynamic_shapes(self) -> dict:
+        return {io.name: {i: s for i, s in enumerate(io.shape) if isinstance(s, str)} for io in self.inputs}
+
+    def to_json(self) -> dict:
+        def j(io):
+            return {"name": io.name, "dtype": io.dtype, "shape": list(io.shape)}
+
+        return {"file": self.file, "doc": self.doc, "inputs": [j(i) for i in self.inputs],
+                "outputs": [j(o) for o in self.outputs]}
+
+
+def graph_specs(cfg, steps: int) -> dict[str, GraphSpec]:
+    """The graphs of one export. `cfg` is a ReSSFormerConfig, `steps` the K of the full graph."""
+    d, H, D, C, m, V = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.cache_len, cfg.mem_slots, cfg.vocab_size
+    w = max(cfg.conv_kernel - 1, 0)
+    f, i64 = "float32", "int64"
+    kv = lambda n, ax: IO(n, f, ("batch", H, ax, D))  # noqa: E731
+    specs = [
+        GraphSpec("init", "init.onnx", (IO("tokens", i64, ("batch", "length")),),
+                  (IO("memory", f, ("batch", m, d)),),
+                  "initial segment memory (the learned M_0) for a batch"),
+        GraphSpec("embed", "embed.onnx",
+                  (IO("tokens", i64, ("batch", "length")), IO("conv", f, ("batch", w, d))),
+                  (IO("h", f, ("batch", "length", d)), IO("conv_out", f, ("batch", w, d))),
+                  "token embedding + causal depthwise conv; carries the last kernel-1 embeddings"),
+        GraphSpec("step", "step.onnx",
+                  (IO("h", f, ("batch", "length", d)), IO("step", i64, ()), IO("pos", i64, ()),
+                   IO("memory", f, ("batch", m, d)), kv("cache_k", C), kv("cache_v", C),
+                   IO("cache_valid", i64, ()), kv("past_k", "past"), kv("past_v", "past")),
+                  (IO("h_out", f, ("batch", "length", d)), kv("present_k", "present"),
+                   kv("present_v", "present"),
+                   IO("attn_idx", i64, ("batch", H, "length", "topk")),
+                   IO("attn_w", f, ("batch", H, "length", "topk")),
+                   IO("experts", i64, ("batch", "length", cfg.top_e))),
+                  "one application t of the shared block to a piece of a segment; present = past "
+                  "keys/values followed by the piece's (present = past + length)"),
+        GraphSpec("head", "head.onnx", (IO("h", f, ("batch", "length", d)),),
+                  (IO("logits", f, ("batch", "length", V)),), "final RMSNorm + tied output head"),
+        GraphSpec("full", "model.onnx",
+                  (IO("tokens", i64, ("batch", "length")), IO("conv", f, ("batch", w, d)),
+                   IO("memory", f, ("batch", m, d)), IO("cache_k", f, (steps, "batch", H, C, D)),
+                   IO("cache_v", f, (steps, "batch", H, C, D)), IO("cache_valid", i64, ())),
+                  (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
+                   IO("memory_out", f, ("batch", m, d)),
+                   IO("cache_k_out", f, (steps, "batch", H, C, D)),
+                   IO("cache_v_out", f, (steps, "batch", H, C, D))),
+                  f"one whole segment from its start, K={steps} steps unrolled, then the memory "
+                  "update; state outputs are meaningful when length == segment_len"),
+    ]
+    specs.insert(4, GraphSpec(
+        "memory", "memory.onnx",
+        (IO("memory", f, ("batch", m, d)), kv("seg_k", "segment"), kv("seg_v", "segment")),
+        (IO("memory_out", f, ("batch", m, d)), IO("alpha", f, ("batch", m, 1)),
+         kv("cache_k_out", C), kv("cache_v_out", C)),
+        "at a segment's end, for each step t in order: one gated memory refinement with the "
+        "segment's keys/values at t, and step t's token cache for the next segment"))
+    return {s.name: s for s in specs}
