@@ -82,6 +82,8 @@ class Output:
 class Attention(nn.Module):
     """ASAM attention: q/k/v projections and top-k sparse attention over memory, cache, segment."""
 
+    record: list | None = None  # set to a list to record (q, keys, mask, idx, w) of each call
+
     def __init__(self, cfg: ReSSFormerConfig):
         super().__init__()
         self.cfg = cfg
@@ -119,12 +121,16 @@ class Attention(nn.Module):
         ], dim=1)  # (T, N)
         out, idx, w = topk_attention(q, keys, vals, mask, cfg.top_k, cfg.normalizer,
                                      1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
+        if self.record is not None:
+            self.record.append({"q": q.detach(), "keys": keys.detach(), "mask": mask, "idx": idx, "w": w.detach()})
         out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.proj(out), k, v, idx, w
 
 
 class MoE(nn.Module):
     """Top-e-of-E mixture of GELU experts with sparse dispatch (each expert sees only its tokens)."""
+
+    record: list | None = None  # set to a list to record (router logits, experts) of each call
 
     def __init__(self, cfg: ReSSFormerConfig):
         super().__init__()
@@ -155,6 +161,8 @@ class MoE(nn.Module):
                 tok, slot = torch.nonzero(experts == e, as_tuple=True)  # tokens routed to e
                 y = self.expert(e, xf[tok]) * gates[tok, slot].unsqueeze(-1)
                 out = out.index_add(0, tok, y)
+        if self.record is not None:
+            self.record.append({"logits": logits.detach().view(B, T, -1), "experts": experts.view(B, T, -1)})
         aux = {}
         if self.training or not torch.onnx.is_in_onnx_export():
             probs = torch.softmax(logits.float(), -1)
