@@ -27,20 +27,27 @@ def Entmax15(X: FLOAT) -> FLOAT:
     mx = op.ReduceMax(Xh, op.Constant(value_ints=[-1]), keepdims=1)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
     one = op.CastLike(op.Constant(value_float=1.0), X)
-    valid = op.Not(op.IsInf(mx))  # a row of only -inf has max -inf
+    # a row of only -inf has max -inf. Equal, not IsInf: IsInf-10 (opsets 18, 19) has no float16.
+    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
     mx0 = op.Where(valid, mx, zero)
     Z = op.Max(op.Sub(Xh, mx0), op.CastLike(op.Constant(value_float=-2.0), X))
     n = op.Shape(X, start=-1)
     Zs, _ = op.TopK(Z, n, axis=-1, largest=1, sorted=1)
-    rho = op.CastLike(op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
-                               op.Constant(value_int=1)), X)
+    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
+                     op.Constant(value_int=1))
+    rho = op.CastLike(rho_i, X)
     mean = op.CumSum(Zs, op.Constant(value_int=-1)) / rho
     mean_sq = op.CumSum(Zs * Zs, op.Constant(value_int=-1)) / rho
     ss = rho * (mean_sq - mean * mean)
     delta = op.Max((one - ss) / rho, zero)
     tau = mean - op.Sqrt(delta)
-    support = op.ReduceSum(op.CastLike(op.LessOrEqual(tau, Zs), X), op.Constant(value_ints=[-1]), keepdims=1)
-    tau_star = op.ReduceSum(op.Where(op.Equal(rho, support), tau, zero), op.Constant(value_ints=[-1]),
+    # Support size = length of the leading run of (tau <= Zs), counted in int64. Exactly, the
+    # condition holds on a prefix; rounding (float16 cumsums of long rows) can make later
+    # entries spuriously true, and float16 cannot count past 2048.
+    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.LessOrEqual(tau, Zs)), to=INT64.dtype),
+                              op.Constant(value_int=-1)), op.Constant(value_int=0))
+    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
+    tau_star = op.ReduceSum(op.Where(op.Equal(rho_i, support), tau, zero), op.Constant(value_ints=[-1]),
                             keepdims=1)
     Yp = op.Max(Z - tau_star, zero)
     Y = op.Where(valid, Yp * Yp, zero)
@@ -53,18 +60,21 @@ def Sparsemax(X: FLOAT) -> FLOAT:
     mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
     one = op.CastLike(op.Constant(value_float=1.0), X)
-    valid = op.Not(op.IsInf(mx))
+    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
     mx0 = op.Where(valid, mx, zero)
     Z = op.Max(op.Sub(X, mx0), op.CastLike(op.Constant(value_float=-2.0), X))
     n = op.Shape(X, start=-1)
     Zs, _ = op.TopK(Z, n, axis=-1, largest=1, sorted=1)
-    rho = op.CastLike(op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
-                               op.Constant(value_int=1)), X)
+    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
+                     op.Constant(value_int=1))
+    rho = op.CastLike(rho_i, X)
     cs = op.CumSum(Zs, op.Constant(value_int=-1)) - one
-    support = op.ReduceSum(op.CastLike(op.Greater(rho * Zs, cs), X), op.Constant(value_ints=[-1]),
-                           keepdims=1)
-    tau = op.ReduceSum(op.Where(op.Equal(rho, support), cs, zero), op.Constant(value_ints=[-1]),
-                       keepdims=1) / support
+    # Support size = length of the leading run of (rho * Zs > cs), in int64 (see Entmax15).
+    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.Greater(rho * Zs, cs)), to=INT64.dtype),
+                              op.Constant(value_int=-1)), op.Constant(value_int=0))
+    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
+    tau = op.ReduceSum(op.Where(op.Equal(rho_i, support), cs, zero), op.Constant(value_ints=[-1]),
+                       keepdims=1) / op.CastLike(support, X)
     Y = op.Where(valid, op.Max(Z - tau, zero), zero)
     return Y
 
@@ -74,7 +84,7 @@ def SafeSoftmax(X: FLOAT) -> FLOAT:
     """Softmax along the last axis; a row of only -inf gives zeros (not NaN)."""
     mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
-    valid = op.Not(op.IsInf(mx))
+    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
     Y = op.Where(valid, op.Softmax(op.Where(valid, X, zero), axis=-1), zero)
     return Y
 
@@ -84,9 +94,8 @@ def TopKRoute(logits: FLOAT, k: int) -> tuple[FLOAT, INT64]:
     """Top-k experts per row; gates = softmax over the selected logits (ties: lower index)."""
     kk = op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1]))
     val, experts = op.TopK(logits, kk, axis=-1, largest=1, sorted=1)
-    gates = op.Softmax(val, axis=-1)
+    gates = ressformer.SafeSoftmax(val)  # a row of only -inf gives zero gates, not NaN
     return gates, experts
-
 
 
 @script(ressformer, default_opset=op)
@@ -102,7 +111,7 @@ def TopKAttentionEntmax15(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, 
     W = ressformer.Entmax15(val)
     dense = op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), Q), op.Shape(S)),
                                idx, W, axis=-1)
-    O = op.MatMul(dense, V)
+    O = op.MatMul(dense, V)  # noqa: E741 (the spec's output name)
     return O, idx, W
 
 
@@ -119,7 +128,7 @@ def TopKAttentionSparsemax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int,
     W = ressformer.Sparsemax(val)
     dense = op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), Q), op.Shape(S)),
                                idx, W, axis=-1)
-    O = op.MatMul(dense, V)
+    O = op.MatMul(dense, V)  # noqa: E741 (the spec's output name)
     return O, idx, W
 
 
@@ -136,7 +145,7 @@ def TopKAttentionSoftmax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, s
     W = ressformer.SafeSoftmax(val)
     dense = op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), Q), op.Shape(S)),
                                idx, W, axis=-1)
-    O = op.MatMul(dense, V)
+    O = op.MatMul(dense, V)  # noqa: E741 (the spec's output name)
     return O, idx, W
 
 
@@ -177,15 +186,25 @@ def function_protos(normalizer: str, opset: int = BASE_OPSET) -> list[onnx.Funct
 
 
 def check_normalizers(model: onnx.ModelProto) -> None:
-    """Raise if a TopKAttention node's `normalizer` differs from its function body's."""
-    body = {f.name: f.doc_string for f in model.functions if f.domain == DOMAIN}
-    want = body.get("TopKAttention", "")
+    """Raise if a TopKAttention node's `normalizer` differs from what its function body computes.
+
+    The body's normalizer is read from the body itself (the `ressformer` op it calls), and must
+    also match the function's doc_string."""
+    bodies = [f for f in model.functions if f.domain == DOMAIN and f.name == "TopKAttention"]
+    body = None
+    if bodies:
+        calls = {n.op_type for n in bodies[0].node if n.domain == DOMAIN}
+        found = [name for name, op_type in NORMALIZER_OPS.items() if op_type in calls]
+        if len(found) != 1 or bodies[0].doc_string != f"normalizer={found[0]}":
+            raise ValueError(f"TopKAttention function body calls {sorted(calls)} but its doc_string "
+                             f"says {bodies[0].doc_string!r}")
+        body = found[0]
     for node in _all_nodes(model.graph):
         if node.domain == DOMAIN and node.op_type == "TopKAttention":
             got = next((a.s.decode() for a in node.attribute if a.name == "normalizer"), "")
-            if f"normalizer={got}" != want:
+            if got != body:
                 raise ValueError(f"TopKAttention node {node.name!r} asks normalizer={got!r} but the "
-                                 f"model's function implements {want!r}")
+                                 f"model's function implements normalizer={body!r}")
 
 
 def _all_nodes(graph):

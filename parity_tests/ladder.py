@@ -31,14 +31,17 @@ from export.ops import DOMAIN, OPSET_VERSION
 from ressformer import ops as tops
 from runtime import ReSSFormerSession
 
-# (atol, rtol) per export mode and rung: pass iff |ort - torch| <= atol + rtol * |torch|.
+# (a, r) per export mode and rung: an output passes iff, elementwise,
+#   |ort - torch| <= a * max|torch| + r * |torch|
+# i.e. an absolute tolerance relative to the tensor's scale plus a relative one. See
+# docs/parity.md for the measured error distributions these are set from.
 TOLERANCES = {
-    "fp32": {"ops": (1e-5, 1e-4), "step": (1e-4, 1e-3), "segment": (2e-4, 1e-3), "stream": (5e-4, 1e-3),
-             "decode": (5e-4, 1e-3)},
-    "fp16": {"ops": (1e-5, 1e-4), "step": (5e-2, 5e-2), "segment": (1e-1, 5e-2), "stream": (1e-1, 5e-2),
-             "decode": (1e-1, 5e-2)},
-    "int8": {"ops": (1e-5, 1e-4), "step": (2.5e-1, 1e-1), "segment": (5e-1, 1e-1), "stream": (5e-1, 1e-1),
-             "decode": (5e-1, 1e-1)},
+    "fp32": {"ops": (1e-6, 1e-5), "step": (1e-5, 1e-4), "segment": (2e-5, 1e-4), "stream": (5e-5, 2e-4),
+             "decode": (5e-5, 2e-4)},
+    "fp16": {"ops": (1e-6, 1e-5), "step": (2e-2, 2e-2), "segment": (5e-2, 5e-2), "stream": (5e-2, 5e-2),
+             "decode": (5e-2, 5e-2)},
+    "int8": {"ops": (1e-6, 1e-5), "step": (1e-1, 1e-1), "segment": (2e-1, 1e-1), "stream": (2e-1, 1e-1),
+             "decode": (2e-1, 1e-1)},
 }
 FLIP_EPS = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}  # margin (score / logit units) under which a flip is a tie
 
@@ -96,11 +99,13 @@ def compare(rung, case, name, got, ref, tol, flips=0, margin=0.0, note="") -> Ro
                    f"shape {got.shape} != {ref.shape}")
     if got.size == 0:
         return Row(rung, case, name, 0.0, 0.0, 0.0, atol, rtol, flips, margin, 0, True, note or "nothing compared")
-    d = np.abs(got - ref)
-    bad = ~np.isfinite(got) & np.isfinite(ref)
-    ok = bool(((d <= atol + rtol * np.abs(ref)) | (got == ref)).all()) and not bad.any()
-    rel = d / np.maximum(np.abs(ref), 1e-6)
-    return Row(rung, case, name, float(np.nanmax(d)), float(np.nanmax(rel)), float(np.nanmean(d)), atol, rtol,
+    with np.errstate(invalid="ignore"):
+        d = np.where(got == ref, 0.0, np.abs(got - ref))  # equal infinities are equal
+        d = np.where(np.isnan(d), np.inf, d)  # NaN where PyTorch has a number is an infinite error
+        scale = float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 0.0
+        ok = bool((d <= atol * scale + rtol * np.abs(ref)).all())
+        rel = d / np.maximum(np.abs(ref), 1e-6)
+    return Row(rung, case, name, float(d.max()), float(rel.max()), float(d.mean()), atol, rtol,
                flips, margin, int(got.size), ok, note)
 
 
@@ -281,7 +286,7 @@ class Ladder:
         warm = rng.integers(0, cfg.vocab_size, (batch, L + L // 2 + 1))  # one segment + some: cache, memory, past
         with torch.no_grad():
             st = model(torch.from_numpy(warm)).state
-        x = rng.integers(0, cfg.vocab_size, (batch, min(5, L - st.pos % L)))
+        x = rng.integers(0, cfg.vocab_size, (batch, min(16, L - st.pos % L)))  # the rest of the segment
         with torch.no_grad():
             h, _ = model.embed_tokens(torch.from_numpy(x), st.conv, st.pos)
             for t in range(cfg.n_steps):

@@ -33,7 +33,7 @@ class ReSSFormerConfig:
     lambda_bal: float = 0.01  # Switch load-balancing loss weight
     lambda_z: float = 0.0  # router z-loss weight
     lambda_struct: float = 0.01  # SOES structural-continuity loss weight
-    detach_memory: bool = True  # cut gradients across segments (Transformer-XL style)
+    detach_memory: bool = False  # cut the memory's gradient across segments too (the cache's always is)
     init_std: float = 0.02
 
     def __post_init__(self):

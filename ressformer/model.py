@@ -67,9 +67,9 @@ class State:
     def steps(self) -> int:
         return self.cache_k.shape[0]
 
-    def detach(self) -> State:
-        return replace(self, **{f: getattr(self, f).detach() for f in
-                                ("conv", "memory", "cache_k", "cache_v", "past_k", "past_v")})
+    def detach(self, memory: bool = True) -> State:
+        names = ("conv", "cache_k", "cache_v", "past_k", "past_v") + (("memory",) if memory else ())
+        return replace(self, **{f: getattr(self, f).detach() for f in names})
 
 
 @dataclass
@@ -372,7 +372,7 @@ class ReSSFormer(nn.Module):
     def _piece(self, tokens, state: State, steps: int):
         """A piece that stays inside one segment: K steps, then the memory update if it ends it."""
         cfg = self.config
-        pos = state.pos
+        pos, T = state.pos, tokens.shape[1]
         h, conv = self.embed_tokens(tokens, state.conv, pos)
         ks, vs, bal, zl, struct = [], [], 0.0, 0.0, 0.0
         prev = None
@@ -383,7 +383,8 @@ class ReSSFormer(nn.Module):
             vs.append(v)
             bal, zl = bal + aux["balance"], zl + aux["z"]
             if prev is not None:
-                struct = struct + structural_continuity(prev[0], prev[1], idx, w)
+                n_keys = state.memory.shape[1] + state.cache_k.shape[-2] + state.past_k.shape[-2] + T
+                struct = struct + structural_continuity(prev[0], prev[1], idx, w, n_keys)
             prev = (idx, w)
         aux = {"balance": bal / steps, "z": zl / steps,
                "struct": struct / max(steps - 1, 1) if steps > 1 else h.new_zeros(())}
@@ -399,15 +400,24 @@ class ReSSFormer(nn.Module):
             new = replace(new, memory=mem, cache_k=past_k[..., past_k.shape[-2] - C:, :],
                           cache_v=past_v[..., past_v.shape[-2] - C:, :], cache_valid=C,
                           past_k=past_k[..., :0, :], past_v=past_v[..., :0, :])
-            if cfg.detach_memory:
-                new = new.detach()
+            # Transformer-XL style: the token cache carries no gradient into the next segment;
+            # the memory does (within one training sequence) unless detach_memory, or else the
+            # memory update would never be trained.
+            new = new.detach(memory=cfg.detach_memory)
         return self.head(h), new, aux
 
 
-def structural_continuity(idx_a, w_a, idx_b, w_b):
+def structural_continuity(idx_a, w_a, idx_b, w_b, n_keys: int | None = None):
     """L_struct term: mean over queries and heads of ||A_b,i - A_a,i||^2 for sparse rows given
     as (indices, weights) (B, H, T, k), without an n x n matrix:
-    ||a||^2 + ||b||^2 - 2 sum over keys selected in both of a_j b_j."""
+    ||a||^2 + ||b||^2 - 2 sum over keys selected in both of a_j b_j.
+    With n_keys (n) given and k * k > n (dense or nearly dense attention), the rows are scattered
+    into dense (B, H, T, n) rows instead: O(n) rather than O(k^2) work per query."""
+    if n_keys is not None and idx_a.shape[-1] ** 2 > n_keys and w_a.numel():
+        rows = w_a.shape[:-1] + (n_keys,)
+        a = w_a.new_zeros(rows).scatter(-1, idx_a, w_a)
+        b = w_b.new_zeros(rows).scatter(-1, idx_b, w_b)
+        return (a - b).pow(2).sum(-1).mean()
     same = (idx_a.unsqueeze(-1) == idx_b.unsqueeze(-2)).to(w_a.dtype)  # (B, H, T, k, k)
     cross = (w_a.unsqueeze(-1) * w_b.unsqueeze(-2) * same).sum((-1, -2))
     d = w_a.pow(2).sum(-1) + w_b.pow(2).sum(-1) - 2 * cross

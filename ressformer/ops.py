@@ -32,6 +32,13 @@ def _prepare(x: torch.Tensor, halve: bool):
     return z, valid
 
 
+def _leading_run(cond: torch.Tensor) -> torch.Tensor:
+    """Length of the leading run of True along the last axis, (..., 1) int64. The sort-based
+    support conditions hold on a prefix exactly; rounding (float16 cumsums of long rows) can make
+    later entries spuriously true, so count the run, not all True entries."""
+    return (~cond).cumsum(-1).eq(0).sum(-1, keepdim=True)
+
+
 def entmax15_kernel(x: torch.Tensor) -> torch.Tensor:
     """Exact sort-based entmax-1.5 along the last axis (Peters et al., 2019)."""
     z, valid = _prepare(x, halve=True)
@@ -43,7 +50,7 @@ def entmax15_kernel(x: torch.Tensor) -> torch.Tensor:
     ss = rho * (mean_sq - mean * mean)
     delta = ((1 - ss) / rho).clamp(min=0)
     tau = mean - delta.sqrt()
-    support = (tau <= zs).sum(-1, keepdim=True)  # >= 1
+    support = _leading_run(tau <= zs)  # >= 1
     tau_star = tau.gather(-1, support - 1)
     y = (z - tau_star).clamp(min=0) ** 2
     return torch.where(valid, y, torch.zeros_like(y))
@@ -56,7 +63,7 @@ def sparsemax_kernel(x: torch.Tensor) -> torch.Tensor:
     n = z.shape[-1]
     rho = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
     cs = zs.cumsum(-1) - 1
-    support = (rho * zs > cs).sum(-1, keepdim=True)  # >= 1
+    support = _leading_run(rho * zs > cs)  # >= 1
     tau = cs.gather(-1, support - 1) / support.to(z.dtype)
     y = (z - tau).clamp(min=0)
     return torch.where(valid, y, torch.zeros_like(y))
@@ -119,6 +126,35 @@ _sparsemax_op.register_autograd(_sparsemax_backward, setup_context=_entmax15_set
 
 
 # ---- top-k attention ------------------------------------------------------------------------
+def topk_lower_index(x: torch.Tensor, k: int):
+    """`x.topk(k, dim=-1)` (sorted, descending) with ties broken toward the lower index, as ONNX
+    TopK specifies; torch.topk leaves the order (and which tied entries make the cut) unspecified.
+
+    Values are gathered from `x`, so they stay differentiable.
+    """
+    n = x.shape[-1]
+    if k == 0 or x.numel() == 0:
+        return x.topk(k, dim=-1)
+    val, idx = x.topk(min(k + 1, n), dim=-1)  # one extra: does a tie straddle the cut?
+    # Ties among -inf (masked) entries are left in torch's order: they get weight exactly 0, and
+    # the masked rows of causal attention would otherwise all take the slow path below.
+    bad = (val[..., k] == val[..., k - 1]) & (val[..., k - 1] > float("-inf")) if k < n \
+        else torch.zeros_like(val[..., 0], dtype=torch.bool)
+    val, idx = val[..., :k], idx[..., :k]
+    tied = bad | ((val[..., 1:] == val[..., :-1]) & (val[..., 1:] > float("-inf"))).any(-1)
+    if bool(tied.any()):
+        idx = idx.clone()
+        if bool(bad.any()):  # pick the lowest indices among the entries tied with the k-th value
+            xb, kth = x[bad], val[bad][:, -1:]  # (m, N), (m, 1)
+            eq, gt = xb == kth, (xb > kth) | xb.isnan()  # topk ranks NaN highest
+            take = gt | (eq & (eq.cumsum(-1) <= k - gt.sum(-1, keepdim=True)))
+            idx[bad] = take.nonzero()[:, 1].view(-1, k)  # exactly k per row, ascending index
+        it, _ = idx[tied].sort(-1)  # then by value descending, ties in index order
+        order = x[tied].gather(-1, it).sort(dim=-1, descending=True, stable=True).indices
+        idx[tied] = it.gather(-1, order)
+    return x.gather(-1, idx), idx
+
+
 def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: float, chunk: int = 0):
     """Per query: the top-k unmasked keys by score, normalized, weighted sum of values.
 
@@ -137,7 +173,7 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
         qc, mc = q[..., s:s + chunk, :], mask[s:s + chunk]
         sc = torch.matmul(qc, k.transpose(-1, -2)) * scale  # (B, H, t, N)
         sc = sc.masked_fill(~mc, float("-inf"))
-        val, idx = sc.topk(kk, dim=-1)  # sorted, descending
+        val, idx = topk_lower_index(sc, kk)  # sorted, descending, ties: lower index
         w = norm(val)  # (B, H, t, kk)
         dense = torch.zeros_like(sc).scatter(-1, idx, w)  # sparse weights as a dense row
         outs.append(torch.matmul(dense, v))
@@ -188,9 +224,10 @@ _topk_attention_op.register_autograd(_topk_attention_backward, setup_context=_to
 
 # ---- top-k routing --------------------------------------------------------------------------
 def topk_route_kernel(logits: torch.Tensor, k: int):
-    """Top-k experts per token; gates = softmax over the selected logits. Ties: lower index."""
-    val, idx = logits.topk(k, dim=-1)
-    return torch.softmax(val, dim=-1), idx
+    """Top-k experts per token; gates = softmax over the selected logits (a row of only -inf
+    gives zero gates). Ties: lower index."""
+    val, idx = topk_lower_index(logits, k)
+    return softmax_kernel(val), idx
 
 
 @torch.library.custom_op("ressformer::topk_route", mutates_args=())
@@ -249,6 +286,8 @@ def topk_attention(q, k, v, mask, top_k: int, normalizer: str, scale: float, chu
             "ressformer::TopKAttention", (q, k, v, mask),
             {"top_k": int(top_k), "normalizer": normalizer, "scale": float(scale)},
             dtypes=(q.dtype, torch.int64, q.dtype), shapes=(q.shape, sel, sel), version=OPSET_VERSION)
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # e.g. bf16 q, fp32 cache
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     return _topk_attention_op(q, k, v, mask, int(top_k), normalizer, float(scale), int(chunk))
 
 

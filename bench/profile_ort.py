@@ -1,0 +1,184 @@
+"""Where ONNX Runtime spends its time: prefill and decode of an export under ORT's profiler
+(SessionOptions.enable_profiling), plus a sweep of session settings (graph optimization level,
+a saved pre-optimized model, threads, spinning).
+
+    python -m bench.profile_ort EXPORT_DIR [--length 2048] [--decode 64] [--threads 2] [--sweep]
+
+Prints the kernel time per op type (functions are inlined by ORT, so the `ressformer` ops show up
+as their ONNX primitives: TopK, ScatterElements, CumSum, ...) and per graph; with --sweep, the
+median prefill / decode time of each setting.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime import ReSSFormerSession
+from runtime.session import OPT_LEVELS, _Graph
+
+
+def _options(threads=None, optimization="all", profile_prefix=None, spinning=None, optimized_path=None):
+    o = ort.SessionOptions()
+    o.graph_optimization_level = OPT_LEVELS[optimization]
+    o.log_severity_level = 3
+    if threads:
+        o.intra_op_num_threads = int(threads)
+        o.inter_op_num_threads = 1
+    if spinning is not None:
+        o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if profile_prefix:
+        o.enable_profiling = True
+        o.profile_file_prefix = str(profile_prefix)
+    if optimized_path:
+        o.optimized_model_filepath = str(optimized_path)
+    return o
+
+
+def session_with(export_dir, **opt_kw) -> ReSSFormerSession:
+    """A ReSSFormerSession whose graphs use custom SessionOptions (same files, same behaviour)."""
+    sess = ReSSFormerSession(export_dir, threads=opt_kw.get("threads"))
+    for name, g in sess.meta["graphs"].items():
+        kw = dict(opt_kw)
+        if kw.get("profile_prefix"):
+            kw["profile_prefix"] = f"{kw['profile_prefix']}_{name}"
+        if kw.get("optimized_path"):
+            kw["optimized_path"] = Path(kw["optimized_path"]) / g["file"]
+        sess.graphs[name] = _Graph(sess.dir / g["file"], _options(**kw), ["CPUExecutionProvider"], "cpu")
+    return sess
+
+
+def saved_optimized_export(export_dir, out_dir, threads=None) -> Path:
+    """Copy of the export whose graphs are ORT's optimized models (level 'all', CPU): loading
+    them with optimization disabled skips the optimizer at start-up."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    session_with(export_dir, threads=threads, optimized_path=out_dir)
+    meta = json.loads((Path(export_dir) / "ressformer.json").read_text())
+    for g in meta["graphs"].values():
+        g["sha256"] = ""  # not checked when empty
+    (out_dir / "ressformer.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def workloads(sess, length, decode, seed=0):
+    rng = np.random.default_rng(seed)
+    V, L = sess.vocab_size, sess.segment_len
+    x = rng.integers(0, V, (1, length))
+    prompt = rng.integers(0, V, (1, max(L // 2, 1)))
+    toks = [rng.integers(0, V, (1, 1)) for _ in range(decode)]
+    _, st0 = sess.forward(prompt)
+
+    def prefill():
+        sess.forward(x, full_graph=True)
+
+    def prefill_steps():
+        sess.forward(x, full_graph=False)
+
+    def dec():
+        st = st0
+        for t in toks:
+            _, st = sess.forward(t, st)
+
+    return {"prefill": prefill, "prefill_steps": prefill_steps, "decode": dec}
+
+
+def profile(export_dir, length=2048, decode=64, threads=None, workdir=None) -> dict:
+    """Run prefill (model.onnx), prefill (step graphs) and decode under ORT's profiler; return
+    the kernel time per op type and per graph for each."""
+    out = {}
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ressformer-prof-"))
+    for wl in ("prefill", "prefill_steps", "decode"):
+        sess = session_with(export_dir, threads=threads, profile_prefix=workdir / wl)
+        fns = workloads(sess, length, decode)
+        t0 = time.perf_counter()
+        fns[wl]()
+        wall = time.perf_counter() - t0
+        by_op, by_graph = defaultdict(float), defaultdict(float)
+        for name, g in sess.graphs.items():
+            path = g.sess.end_profiling()
+            for ev in json.loads(Path(path).read_text()):
+                if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                    us = float(ev.get("dur", 0))
+                    by_op[ev.get("args", {}).get("op_name", "?")] += us
+                    by_graph[name] += us
+        total = sum(by_op.values())
+        out[wl] = {"wall_s": wall, "kernel_s": total / 1e6,
+                   "by_op": {k: v / 1e6 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+                   "by_graph": {k: v / 1e6 for k, v in sorted(by_graph.items(), key=lambda kv: -kv[1])}}
+    return out
+
+
+def sweep(export_dir, length=2048, decode=64, threads=2, repeats=3) -> list[dict]:
+    """Median times of prefill / decode under several session settings."""
+    rows = []
+    settings = [("all (default)", {}), ("extended", {"optimization": "extended"}),
+                ("basic", {"optimization": "basic"}), ("disable", {"optimization": "disable"}),
+                ("all, no spinning", {"spinning": False}), ("all, 1 thread", {"threads": 1})]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        opt_dir = saved_optimized_export(export_dir, Path(tmp) / "opt", threads=threads)
+        save_s = time.perf_counter() - t0
+        runs = [(name, export_dir, dict({"threads": threads}, **kw)) for name, kw in settings]
+        runs.append(("saved optimized model, load with 'disable'", opt_dir,
+                     {"threads": threads, "optimization": "disable"}))
+        for name, d, kw in runs:
+            t0 = time.perf_counter()
+            sess = session_with(d, **kw)
+            load = time.perf_counter() - t0
+            fns = workloads(sess, length, decode)
+            r = {"setting": name, "load_s": load}
+            for wl in ("prefill", "decode"):
+                fns[wl]()
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fns[wl]()
+                    ts.append(time.perf_counter() - t0)
+                r[f"{wl}_s"] = statistics.median(ts)
+            r["decode_tok_s"] = decode / r["decode_s"]
+            rows.append(r)
+        rows.append({"setting": "(saving the optimized models took)", "load_s": save_s})
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.profile_ort", description=__doc__.split("\n\n")[0])
+    p.add_argument("export_dir")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--sweep", action="store_true", help="also time the session settings")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    rep = {"profile": profile(a.export_dir, a.length, a.decode, a.threads)}
+    for wl, r in rep["profile"].items():
+        print(f"\n{wl}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {r['kernel_s'] * 1e3:.1f} ms; by graph: "
+              + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["by_graph"].items()))
+        for op, s in list(r["by_op"].items())[:a.top]:
+            print(f"  {op:24} {s * 1e3:9.2f} ms  {100 * s / r['kernel_s']:5.1f}%")
+    if a.sweep:
+        rep["sweep"] = sweep(a.export_dir, a.length, a.decode, a.threads)
+        print(f"\n{'setting':44} {'load s':>7} {'prefill ms':>10} {'decode tok/s':>12}")
+        for r in rep["sweep"]:
+            if "prefill_s" in r:
+                print(f"{r['setting']:44} {r['load_s']:7.2f} {r['prefill_s'] * 1e3:10.1f} "
+                      f"{r['decode_tok_s']:12.1f}")
+            else:
+                print(f"{r['setting']:44} {r['load_s']:7.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2))
+
+
+if __name__ == "__main__":
+    main()

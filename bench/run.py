@@ -1,0 +1,469 @@
+"""PyTorch eager vs ONNX Runtime on the same checkpoint and the same inputs (issue 8).
+
+Measured in one run, the engines alternating, medians of repeated runs:
+
+* prefill latency (batch 1) at 512, 2048 and 8192 tokens: PyTorch `model(tokens)` under
+  `torch.no_grad()`; ONNX Runtime `session.forward(tokens, full_graph=True)` (whole segments through
+  model.onnx) and the step-graph path (`full_graph=False`: embed, K x step, head, memory);
+* generation speed: a prompt of half a segment, then one segment's worth of tokens decoded one
+  at a time with the caches on both sides (teacher-forced with the same fixed tokens, so both
+  engines see identical inputs; one memory update falls inside the timed span);
+* peak memory (RSS high-water, `ru_maxrss`) of a fresh child process per engine and length while
+  streaming 4k, 16k and 64k tokens in segment pieces (bench/stream_child.py);
+* model FLOPs per token counted analytically from the config, and the achieved fraction of the
+  machine's GEMM rate (numpy float32 matmul 2048^3, measured in the same run).
+
+Entry points: `run_bench(...) -> dict` (key "table": the printable summary), `plot(report, path)`;
+`ressformer bench CHECKPOINT|--preset NAME [--smoke] [--threads N] [--json F] [--plot F]`, or
+`python -m bench.run ...` with the same options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FULL = dict(prefill=(512, 2048, 8192), stream=(4096, 16384, 65536), gemm_n=2048, repeats=5,
+            long_repeats=3, decode_repeats=3, gemm_repeats=7)
+SMOKE = dict(gemm_n=384, repeats=2, long_repeats=2, decode_repeats=2, gemm_repeats=3)  # lengths: see _sizes
+LONG = 4096  # prefill lengths at or above this use long_repeats
+
+# Targets of issue 8 (checked at the middle prefill length, 2048 in the full run).
+TARGET_PREFILL_SPEEDUP = 1.2  # ORT >= 1.2x faster than PyTorch eager
+TARGET_GEMM_FRACTION = 0.60  # ORT prefill >= 60% of the measured GEMM rate
+TARGET_DECODE_SPEEDUP = 3.0  # ORT tokens/s >= 3x PyTorch eager
+TARGET_MEMORY_GROWTH = 1.2  # ORT peak RSS at the longest stream <= 1.2x the shortest
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+def model_flops(cfg, steps: int | None = None) -> dict:
+    """Matmul FLOPs per token (multiply-add = 2), counted from the config.
+
+    `per_token` is the model's work for prefill in whole segments (the FLOPs a perfect
+    implementation must do): per recurrent step the q/k/v and output projections, attention to
+    the top-k keys (scores and weighted sum), the router, top_e expert FFNs; once per token the
+    tied head; amortized over the segment's tokens: the memory slots' keys/values (once per
+    step and segment) and the gated memory update (K refinements of m slots). `executed_prefill`
+    counts what the implementation actually multiplies: scores and the (dense) weighted sum over
+    all m + C + L candidates, and q/k/v of the memory slots per piece. `executed_decode`: the same
+    for one-token pieces (the memory's q/k/v is recomputed for every token and step).
+    """
+    K = steps or cfg.n_steps
+    d, H = cfg.d_model, cfg.n_heads
+    m, C, L, k = cfg.mem_slots, cfg.cache_len, cfg.segment_len, cfg.top_k
+    E, e, f, V = cfg.n_experts, cfg.top_e, cfg.d_ff, cfg.vocab_size
+    del H
+    n_all = m + C + L  # candidates of a query in a whole-segment piece (masked causally)
+    keys = min(k, n_all) if k > 0 else (m + C + (L + 1) / 2)  # top-k keys (dense: the mean causal count)
+    comp = {
+        "qkv": K * 2 * d * 3 * d,
+        "proj": K * 2 * d * d,
+        "attention": K * 2 * 2 * d * keys,
+        "router": K * 2 * d * E if E > 1 else 0,
+        "experts": K * e * (2 * d * f + 2 * f * d),
+        "memory_kv": K * 2 * m * d * 2 * d / L,
+        "head": 2 * d * V,
+        "memory_update": (K * (2 * m * d * d + 2 * 2 * d * min(k or L, L) * m + 2 * m * d * d
+                               + 2 * m * 2 * d) / L) if m else 0,
+    }
+    per_token = sum(comp.values())
+    pre = dict(comp, attention=K * 2 * 2 * d * n_all, memory_kv=K * 2 * m * d * 3 * d / L)
+    if m:
+        pre["memory_update"] = K * (2 * m * d * d + 2 * 2 * d * L * m + 2 * m * d * d + 2 * m * 2 * d) / L
+    dec = dict(pre, attention=K * 2 * 2 * d * (m + C + (L + 1) / 2), memory_kv=K * 2 * m * d * 3 * d)
+    return {"per_token": per_token, "components": comp, "executed_prefill": sum(pre.values()),
+            "executed_decode": sum(dec.values()), "steps": K}
+
+
+def gemm_rate(n: int = 2048, repeats: int = 7) -> dict:
+    """numpy float32 matmul n x n x n: median GFLOP/s (the machine's practical FLOP ceiling)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    a @ b  # warm
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    med = statistics.median(ts)
+    flop = 2 * n ** 3
+    return {"n": n, "seconds": med, "gflops": flop / med / 1e9, "best_gflops": flop / min(ts) / 1e9}
+
+
+# ---- timing -----------------------------------------------------------------------------------
+def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Run each callable `warmup` times, then `repeats` rounds in rotating order (so no engine
+    always runs first). Returns {name: [seconds, ...]}."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def _med(ts):
+    return float(statistics.median(ts))
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def _sizes(smoke: bool, cfg) -> dict:
+    if not smoke:
+        return dict(FULL)
+    L = cfg.segment_len
+    return dict(SMOKE, prefill=(2 * L, 4 * L), stream=(8 * L, 32 * L))
+
+
+def _prepare(checkpoint, preset, export_dir, work: Path, progress):
+    """-> (checkpoint path, export folder, model). A preset is initialized (seed 0) into `work`;
+    without `export_dir` the checkpoint is exported (fp32, no validation) into `work`."""
+    import torch
+
+    from ressformer import ReSSFormer, ReSSFormerConfig, load_checkpoint, save_checkpoint
+    from ressformer.checkpoint import checkpoint_hash
+
+    if checkpoint is None:
+        torch.manual_seed(0)
+        model = ReSSFormer(ReSSFormerConfig.preset(preset or "tiny"))
+        checkpoint = save_checkpoint(model, work / "checkpoint", extra={"seed": 0, "preset": preset})
+        progress(f"random-init preset {preset}: {model.num_params():,} parameters")
+    checkpoint = Path(checkpoint)
+    model = load_checkpoint(checkpoint).eval()
+    if export_dir is None:
+        from export.exporter import export_checkpoint
+
+        t0 = time.perf_counter()
+        export_dir = export_checkpoint(checkpoint, work / "export", validate=False, progress=lambda s: None)
+        progress(f"exported to a temporary folder in {time.perf_counter() - t0:.1f}s")
+    else:
+        meta = json.loads((Path(export_dir) / "ressformer.json").read_text())
+        if meta.get("checkpoint_sha256") != checkpoint_hash(checkpoint):
+            raise ValueError(f"{export_dir} is not an export of {checkpoint} (checkpoint hash differs)")
+        if meta.get("dtype") != "fp32" or meta.get("quantize"):
+            raise ValueError(f"{export_dir} is not an fp32 export (bench compares fp32 engines)")
+    return checkpoint, Path(export_dir), model
+
+
+def run_bench(checkpoint=None, preset=None, smoke: bool = False, threads: int | None = None,
+              progress=print, export_dir=None, memory: bool = True, seed: int = 0) -> dict:
+    """Benchmark PyTorch eager against ONNX Runtime (see the module doc). `checkpoint`: a
+    checkpoint folder, or None with `preset` (random init, seed 0). `smoke`: tiny sizes (CI).
+    `threads`: intra-op threads of both engines (None: each engine's default). `export_dir`: an
+    existing fp32 export of the checkpoint (skips exporting). Returns the report dict."""
+    import onnxruntime as ort
+    import torch
+
+    from runtime import ReSSFormerSession
+
+    progress = progress or (lambda s: None)
+    t_all = time.perf_counter()
+    load_start = os.getloadavg()
+    old_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="ressformer-bench-") as tmp:
+        try:
+            if threads:
+                torch.set_num_threads(int(threads))
+            ckpt, exp, model = _prepare(checkpoint, preset, export_dir, Path(tmp), progress)
+            cfg = model.config
+            sizes = _sizes(smoke, cfg)
+            sess = ReSSFormerSession(exp, threads=threads)
+            L = cfg.segment_len
+            rng = np.random.default_rng(seed)
+            report = {
+                "meta": {
+                    "checkpoint": str(checkpoint) if checkpoint else None, "preset": preset,
+                    "smoke": smoke, "config": cfg.to_dict(), "params": model.num_params(),
+                    "threads": threads, "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+                    "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "machine": _cpu_name(), "loadavg_start": load_start,
+                },
+            }
+            progress(f"GEMM rate: numpy float32 {sizes['gemm_n']}^3 ...")
+            report["gemm"] = gemm_rate(sizes["gemm_n"], sizes["gemm_repeats"])
+            report["flops"] = model_flops(cfg)
+            gemm = report["gemm"]["gflops"] * 1e9
+            fl = report["flops"]
+            cases = []
+            # -- prefill --
+            for T in sizes["prefill"]:
+                x = rng.integers(0, cfg.vocab_size, (1, T))
+                xt = torch.from_numpy(x)
+
+                def torch_run(xt=xt):
+                    with torch.no_grad():
+                        model(xt)
+
+                fns = {"torch": torch_run,
+                       "ort": lambda x=x: sess.forward(x, full_graph=True),
+                       "ort_step": lambda x=x: sess.forward(x, full_graph=False)}
+                reps = sizes["long_repeats"] if T >= LONG else sizes["repeats"]
+                progress(f"prefill T={T}: {reps} rounds of torch / ort (model.onnx) / ort (step graphs) ...")
+                ts = alternate(fns, reps)
+                c = {"case": "prefill", "length": T, "torch_s": _med(ts["torch"]), "ort_s": _med(ts["ort"]),
+                     "ort_step_s": _med(ts["ort_step"]), "runs": ts}
+                c["ratio"] = c["torch_s"] / c["ort_s"]
+                c["ratio_step"] = c["torch_s"] / c["ort_step_s"]
+                for k in ("torch", "ort", "ort_step"):
+                    c[f"{k}_tok_s"] = T / c[f"{k}_s"]
+                    c[f"{k}_gemm_fraction"] = fl["per_token"] * T / c[f"{k}_s"] / gemm
+                cases.append(c)
+                progress(f"  torch {c['torch_s'] * 1e3:.1f} ms, ort {c['ort_s'] * 1e3:.1f} ms, "
+                         f"ort steps {c['ort_step_s'] * 1e3:.1f} ms")
+            # -- generation --
+            cases.append(_decode_case(model, sess, cfg, rng, sizes["decode_repeats"], progress))
+            # -- streaming memory --
+            if memory:
+                for T in sizes["stream"]:
+                    progress(f"streaming {T} tokens in {L}-token pieces (one child process per engine) ...")
+                    r = {eng: _stream_child(eng, exp if eng == "ort" else ckpt, T, L, threads, seed)
+                         for eng in ("torch", "ort")}
+                    c = {"case": "stream_memory", "length": T,
+                         "torch_s": r["torch"]["seconds"], "ort_s": r["ort"]["seconds"],
+                         "torch_peak_mb": r["torch"]["peak_mb"], "ort_peak_mb": r["ort"]["peak_mb"],
+                         "torch_loaded_mb": r["torch"]["loaded_mb"], "ort_loaded_mb": r["ort"]["loaded_mb"]}
+                    c["ratio"] = c["torch_s"] / c["ort_s"]
+                    c["memory_ratio"] = c["torch_peak_mb"] / c["ort_peak_mb"]
+                    cases.append(c)
+                    progress(f"  peak RSS torch {c['torch_peak_mb']:.0f} MB, ort {c['ort_peak_mb']:.0f} MB")
+            report["cases"] = cases
+            report["targets"] = _targets(report)
+            report["meta"]["loadavg_end"] = os.getloadavg()
+            report["meta"]["seconds"] = time.perf_counter() - t_all
+            report["table"] = format_table(report)
+            return report
+        finally:
+            torch.set_num_threads(old_threads)
+
+
+def _decode_case(model, sess, cfg, rng, repeats, progress) -> dict:
+    import torch
+
+    L = cfg.segment_len
+    prompt_len, n = max(L // 2, 1), L
+    prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
+    toks = rng.integers(0, cfg.vocab_size, (1, n))
+    with torch.no_grad():
+        t_state = model(torch.from_numpy(prompt)).state
+    _, o_state = sess.forward(prompt)
+    t_toks = [torch.from_numpy(toks[:, i:i + 1]) for i in range(n)]
+    o_toks = [toks[:, i:i + 1] for i in range(n)]
+
+    def torch_run():
+        st = t_state
+        with torch.no_grad():
+            for t in t_toks:
+                st = model(t, st).state
+
+    def ort_run():
+        st = o_state
+        for t in o_toks:
+            _, st = sess.forward(t, st)
+
+    progress(f"decode: prompt {prompt_len}, then {n} tokens one at a time, {repeats} rounds ...")
+    ts = alternate({"torch": torch_run, "ort": ort_run}, repeats)
+    c = {"case": "decode", "prompt": prompt_len, "tokens": n, "torch_s": _med(ts["torch"]),
+         "ort_s": _med(ts["ort"]), "runs": ts}
+    c["torch_tok_s"], c["ort_tok_s"] = n / c["torch_s"], n / c["ort_s"]
+    c["torch_ms_per_token"], c["ort_ms_per_token"] = 1e3 * c["torch_s"] / n, 1e3 * c["ort_s"] / n
+    c["ratio"] = c["torch_s"] / c["ort_s"]
+    progress(f"  torch {c['torch_tok_s']:.0f} tok/s, ort {c['ort_tok_s']:.0f} tok/s")
+    return c
+
+
+def _stream_child(engine, path, length, piece, threads, seed) -> dict:
+    child = Path(__file__).with_name("stream_child.py")
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    cmd = [sys.executable, str(child), engine, str(path), str(length), str(piece), str(threads or 0),
+           str(seed)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"stream child ({engine}, {length} tokens) failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _targets(report) -> dict:
+    pre = [c for c in report["cases"] if c["case"] == "prefill"]
+    out = {}
+    if pre:
+        mid = pre[len(pre) // 2]
+        out["prefill_speedup"] = {"length": mid["length"], "value": mid["ratio"],
+                                  "target": TARGET_PREFILL_SPEEDUP,
+                                  "met": mid["ratio"] >= TARGET_PREFILL_SPEEDUP}
+        out["prefill_gemm_fraction"] = {"length": mid["length"], "value": mid["ort_gemm_fraction"],
+                                        "target": TARGET_GEMM_FRACTION,
+                                        "met": mid["ort_gemm_fraction"] >= TARGET_GEMM_FRACTION}
+    dec = [c for c in report["cases"] if c["case"] == "decode"]
+    if dec:
+        out["decode_speedup"] = {"value": dec[0]["ratio"], "target": TARGET_DECODE_SPEEDUP,
+                                 "met": dec[0]["ratio"] >= TARGET_DECODE_SPEEDUP}
+    mem = [c for c in report["cases"] if c["case"] == "stream_memory"]
+    if len(mem) >= 2:
+        g = mem[-1]["ort_peak_mb"] / mem[0]["ort_peak_mb"]
+        gt = mem[-1]["torch_peak_mb"] / mem[0]["torch_peak_mb"]
+        out["memory_growth"] = {"lengths": [mem[0]["length"], mem[-1]["length"]], "value": g,
+                                "torch_value": gt, "target": TARGET_MEMORY_GROWTH,
+                                "met": g <= TARGET_MEMORY_GROWTH}
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- output -----------------------------------------------------------------------------------
+def format_table(report) -> str:
+    m, g, fl = report["meta"], report["gemm"], report["flops"]
+    cfg = m["config"]
+    src = m["checkpoint"] or f"preset {m['preset']} (random init)"
+    lines = [
+        f"ReSSFormer bench: {src}{' [smoke]' if m['smoke'] else ''}: {m['params']:,} params, "
+        f"d={cfg['d_model']} K={cfg['n_steps']} L={cfg['segment_len']} top_k={cfg['top_k']} "
+        f"m={cfg['mem_slots']} E={cfg['n_experts']}/{cfg['top_e']}",
+        f"machine: {m['machine']}, {m['cpu_count']} CPUs, threads={m['threads'] or 'default'} "
+        f"(torch {m['torch_threads']}), load avg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; "
+        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}",
+        f"GEMM rate (numpy float32 {g['n']}^3): {g['gflops']:.1f} GFLOP/s; model FLOPs/token "
+        f"{fl['per_token'] / 1e6:.2f} M (as executed: prefill {fl['executed_prefill'] / 1e6:.2f} M, "
+        f"decode {fl['executed_decode'] / 1e6:.2f} M)",
+        "ratio = PyTorch time / ORT time (> 1: ONNX Runtime faster); GEMM% = model FLOPs / time / GEMM rate",
+        "",
+        f"{'case':22} {'PyTorch':>12} {'ORT full':>12} {'ratio':>6} {'ORT steps':>12} {'ratio':>6} "
+        f"{'GEMM% pt':>8} {'GEMM% ort':>9}",
+    ]
+    for c in report["cases"]:
+        if c["case"] == "prefill":
+            lines.append(f"{'prefill ' + str(c['length']):22} {c['torch_s'] * 1e3:9.1f} ms "
+                         f"{c['ort_s'] * 1e3:9.1f} ms {c['ratio']:6.2f} "
+                         f"{c['ort_step_s'] * 1e3:9.1f} ms {c['ratio_step']:6.2f} "
+                         f"{100 * c['torch_gemm_fraction']:7.1f}% {100 * c['ort_gemm_fraction']:8.1f}%")
+        elif c["case"] == "decode":
+            lines.append(f"{'decode tok/s':22} {c['torch_tok_s']:12.1f} {c['ort_tok_s']:12.1f} "
+                         f"{c['ratio']:6.2f}   ({c['torch_ms_per_token']:.2f} vs "
+                         f"{c['ort_ms_per_token']:.2f} ms/token, "
+                         f"{c['tokens']} tokens after a {c['prompt']}-token prompt)")
+    mem = [c for c in report["cases"] if c["case"] == "stream_memory"]
+    if mem:
+        lines += ["", f"{'stream (peak RSS)':22} {'PyTorch':>12} {'ORT':>12} {'PT time':>10} "
+                      f"{'ORT time':>10} {'ratio':>6}"]
+        for c in mem:
+            lines.append(f"{'stream ' + str(c['length']):22} {c['torch_peak_mb']:9.0f} MB "
+                         f"{c['ort_peak_mb']:9.0f} MB {c['torch_s']:9.2f}s {c['ort_s']:9.2f}s "
+                         f"{c['ratio']:6.2f}")
+    t = report.get("targets", {})
+    if t:
+        lines += ["", "targets:"]
+        if "prefill_speedup" in t:
+            x = t["prefill_speedup"]
+            lines.append(f"  prefill {x['length']}: ORT {x['value']:.2f}x PyTorch (>= {x['target']}x): "
+                         f"{'met' if x['met'] else 'NOT met'}")
+            x = t["prefill_gemm_fraction"]
+            lines.append(f"  prefill {x['length']}: ORT at {100 * x['value']:.1f}% of GEMM rate "
+                         f"(>= {100 * x['target']:.0f}%): {'met' if x['met'] else 'NOT met'}")
+        if "decode_speedup" in t:
+            x = t["decode_speedup"]
+            lines.append(f"  generation: ORT {x['value']:.2f}x PyTorch tokens/s (>= {x['target']}x): "
+                         f"{'met' if x['met'] else 'NOT met'}")
+        if "memory_growth" in t:
+            x = t["memory_growth"]
+            lines.append(f"  streaming peak RSS {x['lengths'][1]} vs {x['lengths'][0]} tokens: "
+                         f"ORT {x['value']:.2f}x (PyTorch {x['torch_value']:.2f}x) (<= {x['target']}x): "
+                         f"{'met' if x['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def plot(report, path) -> Path:
+    """PNG: prefill time vs length (both engines, both ORT paths) and streaming peak RSS vs length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre = [c for c in report["cases"] if c["case"] == "prefill"]
+    mem = [c for c in report["cases"] if c["case"] == "stream_memory"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    if pre:
+        x = [c["length"] for c in pre]
+        ax.plot(x, [c["torch_s"] * 1e3 for c in pre], "o-", label="PyTorch eager")
+        ax.plot(x, [c["ort_s"] * 1e3 for c in pre], "s-", label="ORT (model.onnx)")
+        ax.plot(x, [c["ort_step_s"] * 1e3 for c in pre], "^--", label="ORT (step graphs)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("prefill latency (ms, median)")
+    ax.set_title("prefill, batch 1")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax = axes[1]
+    if mem:
+        x = [c["length"] for c in mem]
+        ax.plot(x, [c["torch_peak_mb"] for c in mem], "o-", label="PyTorch eager")
+        ax.plot(x, [c["ort_peak_mb"] for c in mem], "s-", label="ORT")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+    ax.set_xlabel("tokens streamed (segment pieces)")
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title("streaming memory (one process per point)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    m = report["meta"]
+    fig.suptitle(f"ReSSFormer {m['checkpoint'] or m['preset']}: PyTorch eager vs ONNX Runtime "
+                 f"(threads={m['threads'] or 'default'})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--preset")
+    p.add_argument("--export-dir", help="an existing fp32 export of CHECKPOINT (skips exporting)")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-memory", action="store_true", help="skip the streaming-memory children")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    a = p.parse_args(argv)
+    if not a.checkpoint and not a.preset:
+        p.error("give a CHECKPOINT or --preset NAME")
+    rep = run_bench(checkpoint=a.checkpoint, preset=a.preset, smoke=a.smoke, threads=a.threads,
+                    export_dir=a.export_dir, memory=not a.no_memory, progress=lambda s: print(s, flush=True))
+    print(rep["table"])
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2, default=float))
+    if a.plot:
+        plot(rep, a.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    torch.set_num_threads(2)
+    return torch
+
+
+def perturbed_model(preset="tiny", seed=0, scale=0.3, **overrides):
+    """A random model whose zero-initialized parts (conv taps, biases) are non-zero, so every
+    path matters in a test."""
+    import torch
+
+    from ressformer import ReSSFormer, ReSSFormerConfig
+
+    torch.manual_seed(seed)
+    m = ReSSFormer(ReSSFormerConfig.preset(preset, **overrides))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 0.05))
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from ressformer import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    save_checkpoint(perturbed_model(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    from export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("ex") / "tiny"
+    export_checkpoint(tiny_checkpoint, out, validate=True, progress=lambda s: None)
+    return out

@@ -1,0 +1,83 @@
+"""The benchmarks (bench/run.py, bench/edge.py): report structure, not timings (CI machines vary)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import edge
+from bench.run import model_flops, plot, run_bench
+from export.exporter import export_checkpoint
+from ressformer import ReSSFormerConfig
+from runtime import ReSSFormerSession
+
+# Top-1 next-token agreement with the fp32 export on held-out text (tiny test model), measured
+# 1.00 (fp16) and 0.99 (int8); the floors leave room for other seeds and machines.
+MIN_AGREEMENT = {"fp16": 0.95, "int8": 0.85}
+
+
+def test_smoke_bench(tiny_checkpoint, tiny_export, tmp_path):
+    rep = run_bench(checkpoint=tiny_checkpoint, smoke=True, threads=1, export_dir=tiny_export, progress=None)
+    assert isinstance(rep["table"], str) and "prefill" in rep["table"] and "decode" in rep["table"]
+    cases = {c["case"]: [] for c in rep["cases"]}
+    for c in rep["cases"]:
+        cases[c["case"]].append(c)
+    assert set(cases) == {"prefill", "decode", "stream_memory"}
+    assert [c["length"] for c in cases["prefill"]] == [64, 128]  # 2 and 4 segments of 32
+    for c in rep["cases"]:
+        assert c["torch_s"] > 0 and c["ort_s"] > 0
+        assert c["ratio"] == pytest.approx(c["torch_s"] / c["ort_s"])
+    for c in cases["prefill"]:
+        assert c["ort_step_s"] > 0 and "ratio_step" in c
+        assert 0 < c["ort_gemm_fraction"] and 0 < c["torch_gemm_fraction"]
+    assert cases["decode"][0]["torch_tok_s"] > 0 and cases["decode"][0]["ort_tok_s"] > 0
+    for c in cases["stream_memory"]:
+        assert c["ort_peak_mb"] > 0 and c["torch_peak_mb"] > 0 and "memory_ratio" in c
+        assert c["ort_peak_mb"] < c["torch_peak_mb"]  # the ORT child never imports torch
+    assert rep["gemm"]["gflops"] > 0 and rep["flops"]["per_token"] > 0
+    assert set(rep["targets"]) == {"prefill_speedup", "prefill_gemm_fraction", "decode_speedup",
+                                   "memory_growth"}
+    json.dumps(rep)  # the CLI writes it as JSON
+    png = plot(rep, tmp_path / "bench.png")
+    assert png.stat().st_size > 1000
+
+
+def test_model_flops_counts():
+    cfg = ReSSFormerConfig.preset("small")
+    f = model_flops(cfg)
+    d, K = cfg.d_model, cfg.n_steps
+    assert f["components"]["qkv"] == K * 6 * d * d
+    assert f["components"]["experts"] == K * cfg.top_e * 4 * d * cfg.d_ff
+    assert f["components"]["head"] == 2 * d * cfg.vocab_size
+    assert f["per_token"] < f["executed_prefill"] < f["executed_decode"]  # dense scores; memory k/v per token
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+def test_edge_export(mode, tiny_checkpoint, tiny_export, tmp_path):
+    kw = {"dtype": "fp16"} if mode == "fp16" else {"quantize": "int8"}
+    out = export_checkpoint(tiny_checkpoint, tmp_path / mode, validate=False, progress=lambda s: None, **kw)
+    meta = json.loads((out / "ressformer.json").read_text())
+    assert meta["dtype"] == kw.get("dtype", "fp32") and meta["quantize"] == kw.get("quantize")
+    assert edge.export_size(out)["total_bytes"] < 0.8 * edge.export_size(tiny_export)["total_bytes"]
+    if mode == "int8":  # every weight MatMul is quantized: q/k/v sit behind a Transpose and each
+        import onnx  # expert's weights behind a Gather, which the exporter folds first
+
+        g = onnx.load(str(out / "step.onnx")).graph
+        inits = {i.name for i in g.initializer}
+        assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
+        n_experts = ReSSFormerConfig.preset("tiny").n_experts
+        assert sum(n.op_type == "MatMulInteger" for n in g.node) >= 3 + 2 * n_experts  # qkv x2, proj
+    data = edge.held_out_text(1024)
+    ref = ReSSFormerSession(tiny_export, threads=1)
+    ref_pred, ref_logits = edge.ort_predictions(ref, data)
+    sess = ReSSFormerSession(out, threads=1)
+    q = edge.quality(sess, data, ref_pred, ref_logits)
+    assert q["finite"] and math.isfinite(q["bits_per_byte"])
+    assert q["top1_agreement"] >= MIN_AGREEMENT[mode], q
+    # decoding one token at a time (experts without tokens: empty int8 MatMuls) stays finite
+    _, st = sess.forward(np.frombuffer(data[:40], np.uint8).astype(np.int64)[None])
+    for b in data[40:48]:
+        lo, st = sess.forward(np.array([[b]], np.int64), st)
+        assert np.isfinite(lo).all()
+

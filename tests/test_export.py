@@ -1,0 +1,125 @@
+"""Export: graphs, sidecar, function nodes, checker, ORT load, validation, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from export.exporter import ExportError, export_checkpoint
+from ressformer.cli import main
+
+
+def test_export_contents(tiny_export):
+    meta = json.loads((tiny_export / "ressformer.json").read_text())
+    assert meta["ressformer_opset"] == {"domain": "ressformer", "version": 1}
+    assert meta["steps"] == 2 and meta["tokenizer"]["type"] == "bytes"
+    assert set(meta["graphs"]) == {"init", "embed", "step", "head", "memory", "full"}
+    assert json.loads((tiny_export / "validation.json").read_text())["passed"]
+    for name, g in meta["graphs"].items():
+        path = tiny_export / g["file"]
+        m = onnx.load(str(path))
+        onnx.checker.check_model(m, full_check=True)
+        assert m.ir_version <= 10
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # no extra library
+        assert [i.name for i in m.graph.input] == [i["name"] for i in g["inputs"]]
+        if name in ("step", "full", "memory"):
+            ops = {n.op_type for n in m.graph.node if n.domain == "ressformer"}
+            assert "TopKAttention" in ops
+            funcs = {f.name for f in m.functions if f.domain == "ressformer"}
+            assert ops <= funcs and "Entmax15" in funcs
+            assert ("ressformer", 1) in {(o.domain, o.version) for o in m.opset_import}
+        if name == "step":
+            assert "TopKRoute" in ops
+            dims = {d.dim_param for i in m.graph.input for d in i.type.tensor_type.shape.dim}
+            assert {"batch", "length", "past"} <= dims
+
+
+def test_weights_stored_once(tiny_checkpoint, tiny_export):
+    """model.onnx unrolls K steps but holds the shared block's weights once."""
+    from ressformer import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint)
+    full = onnx.load(str(tiny_export / "model.onnx"))
+    init_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in full.graph.initializer)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert init_bytes < 1.5 * param_bytes
+
+
+def _leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_inputs(tiny_checkpoint, tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(ValueError, match="does not exist"):
+        export_checkpoint(tmp_path / "missing", out)
+    with pytest.raises(ValueError, match="unsupported opset"):
+        export_checkpoint(tiny_checkpoint, out, opset=9)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        export_checkpoint(tiny_checkpoint, out, dtype="bf16")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "full")
+    # corrupted weights
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        export_checkpoint(bad, out)
+    # config that does not match the weights
+    mis = tmp_path / "mis"
+    shutil.copytree(tiny_checkpoint, mis)
+    meta = json.loads((mis / "config.json").read_text())
+    meta["config"]["d_ff"] = 64
+    (mis / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match its config"):
+        export_checkpoint(mis, out)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_broken_export_fails_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    """A graph that computes the wrong thing fails validation: error, no folder, no temp files."""
+    import export.exporter as ex
+
+    real = ex._export_graph
+
+    def broken(model, name, spec, cfg, steps, opset):
+        proto = real(model, name, spec, cfg, steps, opset)
+        if name == "head":
+            w = next(t for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).size > 1000)
+            arr = onnx.numpy_helper.to_array(w).copy()
+            arr.flat[0] += 0.5
+            w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+        return proto
+
+    monkeypatch.setattr(ex, "_export_graph", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="validation failed"):
+        export_checkpoint(tiny_checkpoint, out, progress=lambda s: None)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_cli_errors_exit_nonzero(tiny_checkpoint, tmp_path):
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "does not exist" in r.output
+    r = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--dtype", "int4"])
+    assert r.exit_code != 0 and "unsupported dtype" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opset", [18, 23])
+def test_opsets(tiny_checkpoint, tmp_path, opset):
+    out = export_checkpoint(tiny_checkpoint, tmp_path / f"o{opset}", opset=opset, progress=lambda s: None)
+    m = onnx.load(str(out / "step.onnx"))
+    assert ("", opset) in {(o.domain, o.version) for o in m.opset_import}
+    from runtime import ReSSFormerSession
+
+    logits, _ = ReSSFormerSession(out).forward(np.array([[1, 2, 3]]))
+    assert np.isfinite(logits).all()

@@ -1,0 +1,207 @@
+"""The reference model: causality, pieces == whole, memory gates, L_struct, MoE dispatch, errors."""
+
+import math
+
+import pytest
+import torch
+
+from ressformer import ReSSFormer, ReSSFormerConfig
+from ressformer.model import State, structural_continuity
+
+from .conftest import perturbed_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model()
+
+
+def tokens(B, T, seed=0):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_presets_and_param_counts():
+    counts = {n: ReSSFormer(ReSSFormerConfig.preset(n)).num_params() for n in ("tiny", "small")}
+    assert counts["tiny"] < 200_000 < counts["small"]
+    base = ReSSFormerConfig.preset("base")
+    assert (base.d_model, base.n_heads, base.n_steps, base.top_k, base.mem_slots, base.n_experts, base.top_e) == \
+        (768, 12, 4, 32, 128, 8, 2)
+
+
+def test_no_positional_parameters_by_default(model):
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("pos" in n for n in names)
+    assert model.config.pos_encoding == "none"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown preset"):
+        ReSSFormerConfig.preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        ReSSFormerConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="unknown config field"):
+        ReSSFormerConfig.preset("tiny", nope=1)
+    with pytest.raises(ValueError, match="cache_len"):
+        ReSSFormerConfig.preset("tiny", cache_len=999)
+
+
+@pytest.mark.parametrize("j", [5, 31, 32, 40, 70])  # inside, at and across segment boundaries (L=32)
+def test_causality(model, j):
+    x = tokens(2, 80)
+    y = x.clone()
+    y[:, j] = (y[:, j] + 7) % 256
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.equal(a[:, :j], b[:, :j])
+    assert (a[:, j:] - b[:, j:]).abs().max() > 1e-4  # the change does matter downstream
+
+
+@pytest.mark.parametrize("splits", [[1] * 70, [7, 33, 1, 29], [32, 32, 6], [64, 6]])
+def test_pieces_equal_whole(model, splits):
+    x = tokens(3, sum(splits), seed=1)
+    with torch.no_grad():
+        whole = model(x).logits
+        st, outs, i = None, [], 0
+        for n in splits:
+            o = model(x[:, i:i + n], st)
+            st, i = o.state, i + n
+            outs.append(o.logits)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=2e-5, rtol=1e-4)
+
+
+def test_state_carries_memory_and_cache(model):
+    x = tokens(1, 40)
+    with torch.no_grad():
+        st = model(x).state
+    assert st.pos == 40 and st.cache_valid == model.config.cache_len
+    assert st.past_k.shape[-2] == 40 - 32
+    assert not torch.allclose(st.memory, model.mem_init[None])
+
+
+def test_memory_matters_across_segments(model):
+    """Changing a token of segment 0 that is outside the next segment's cache still changes
+    segment 1's logits: it travelled through the memory."""
+    x = tokens(1, 64)
+    y = x.clone()
+    y[:, 3] = (y[:, 3] + 1) % 256  # cache holds positions 24..31 only
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert (a[:, 32:] - b[:, 32:]).abs().max() > 1e-5
+
+
+def test_memory_gates_in_unit_interval(model):
+    B, m, d = 2, model.config.mem_slots, model.config.d_model
+    H, D = model.config.n_heads, model.config.head_dim
+    mem = torch.randn(B, m, d) * 10
+    k, v = torch.randn(B, H, 32, D) * 10, torch.randn(B, H, 32, D)
+    with torch.no_grad():
+        new, alpha = model.mem_update(mem, k, v)
+    assert alpha.shape == (B, m, 1)
+    assert (alpha >= 0).all() and (alpha <= 1).all()
+
+
+def test_test_time_depth(model):
+    x = tokens(1, 40)
+    with torch.no_grad():
+        a = model(x, steps=2).logits
+        b = model(x, steps=4).logits
+    assert torch.isfinite(b).all() and not torch.allclose(a, b)
+
+
+def test_struct_loss_zero_for_equal_graphs():
+    idx = torch.rand(2, 3, 5, 50).argsort(-1)[..., :4]  # distinct keys per query, as top-k gives
+    w = torch.softmax(torch.randn(2, 3, 5, 4), -1)
+    assert structural_continuity(idx, w, idx, w).abs() < 1e-7
+    perm = torch.randperm(4)
+    assert structural_continuity(idx, w, idx[..., perm], w[..., perm]).abs() < 1e-7
+
+
+def test_struct_loss_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    B, H, T, N, k = 2, 2, 6, 20, 5
+    ia, ib = (torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * H * T)]).view(B, H, T, k)
+              for _ in range(2))
+    wa, wb = torch.rand(B, H, T, k, generator=g), torch.rand(B, H, T, k, generator=g)
+    da = torch.zeros(B, H, T, N).scatter(-1, ia, wa)
+    db = torch.zeros(B, H, T, N).scatter(-1, ib, wb)
+    dense = ((da - db) ** 2).sum(-1).mean()
+    torch.testing.assert_close(structural_continuity(ia, wa, ib, wb), dense)
+
+
+def test_sparse_moe_equals_dense(model):
+    moe = model.blocks[0].moe
+    x = torch.randn(3, 17, model.config.d_model)
+    with torch.no_grad():
+        sparse, experts, _ = moe(x)
+        dense = moe.dense_forward(x)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    assert experts.shape == (3, 17, model.config.top_e)
+
+
+def test_aux_losses_and_backward():
+    m = perturbed_model()
+    m.train()
+    out = m(tokens(2, 70))
+    for key in ("balance", "z", "struct", "loss"):
+        assert torch.isfinite(out.aux[key])
+    assert out.aux["struct"] > 0
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), tokens(2, 70)[:, 1:].reshape(-1))
+    (loss + out.aux["loss"]).backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert grads["mem_update.gate.weight"].abs().sum() > 0  # memory trained through segment 2
+
+
+@pytest.mark.parametrize("normalizer", ["entmax15", "sparsemax", "softmax"])
+def test_normalizers_and_few_candidates(normalizer):
+    # top_k larger than any candidate set of the first tokens: k is clamped
+    m = perturbed_model(top_k=64, mem_slots=0, cache_len=0, normalizer=normalizer)
+    with torch.no_grad():
+        out = m(tokens(1, 5))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_baseline_same_code():
+    cfg = ReSSFormerConfig.preset("tiny")
+    base = ReSSFormer(cfg.baseline())
+    assert len(base.blocks) == cfg.n_steps
+    with torch.no_grad():
+        out = base(tokens(2, 20))
+    assert out.logits.shape == (2, 20, 256)
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (torch.tensor([[1, 2, 300]]), ValueError, "token id 300 out of range"),
+    (torch.tensor([[-1, 2]]), ValueError, "token id -1 out of range"),
+    (torch.tensor([[1.0, 2.0]]), TypeError, "integer"),
+    (torch.tensor([1, 2, 3]), ValueError, "shape"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
+])
+def test_bad_inputs(model, bad, err, match):
+    with pytest.raises(err, match=match):
+        model(bad)
+
+
+def test_bad_state(model):
+    st = model(tokens(2, 5)).state
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens(3, 5), st)
+    with pytest.raises(ValueError, match="steps"):
+        model(tokens(2, 5), st, steps=3)
+    other = perturbed_model(d_model=32)
+    with pytest.raises(ValueError, match="another config"):
+        other(tokens(2, 5), other.init_state(2).__class__(**{**st.__dict__}))
+    assert isinstance(st, State)
+
+
+def test_attention_memory_is_chunked():
+    """Scores are computed a query chunk at a time: results equal the unchunked computation."""
+    from ressformer.ops import topk_attention_kernel
+
+    q, k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8)
+    mask = torch.ones(50, 60, dtype=torch.bool).tril(10)
+    a = topk_attention_kernel(q, k, v, mask, 8, "entmax15", 1 / math.sqrt(8), chunk=7)
+    b = topk_attention_kernel(q, k, v, mask, 8, "entmax15", 1 / math.sqrt(8), chunk=0)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)

@@ -1,0 +1,311 @@
+"""The `ressformer` ops in PyTorch (ressformer/ops.py): kernels and custom ops against golden
+values, the entmax package and the numpy reference (export/reference.py); float64 gradcheck;
+-inf entries and all-masked rows; fewer keys than k; fast path (custom op) == slow path (kernel).
+
+Table-driven like onnxscript's torch_lib tests: TABLE has one row per op x dtype with its
+tolerances (absolute, on values in [0, 1]; `atol_out` on attention outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import entmax
+import numpy as np
+import pytest
+import torch
+
+from export import reference
+from ressformer import ops
+
+from .op_cases import (
+    ALL_MASKED_ROW,
+    ATOL,
+    F16,
+    F32,
+    F64,
+    LENGTHS,
+    NORMALIZERS,
+    K,
+    attention_inputs,
+    normalizer_rows,
+    route_logits,
+    support_mismatch,
+)
+
+NP = {torch.float16: F16, torch.float32: F32, torch.float64: F64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    op: str  # entmax15 | sparsemax | softmax | topk_route | topk_attention
+    dtype: torch.dtype
+    atol: float
+    atol_out: float = 0.0
+    normalizer: str = ""  # topk_attention only
+
+    @property
+    def id(self):
+        return f"{self.op}{'-' + self.normalizer if self.normalizer else ''}-{str(self.dtype)[6:]}"
+
+
+TABLE = [
+    Row("entmax15", torch.float16, ATOL[F16]),
+    Row("entmax15", torch.float32, ATOL[F32]),
+    Row("entmax15", torch.float64, ATOL[F64]),
+    Row("sparsemax", torch.float16, 2e-3),
+    Row("sparsemax", torch.float32, 1e-6),
+    Row("sparsemax", torch.float64, ATOL[F64]),
+    Row("softmax", torch.float16, 1e-3),
+    Row("softmax", torch.float32, 1e-6),
+    Row("softmax", torch.float64, ATOL[F64]),
+    Row("topk_route", torch.float16, 2e-3),
+    Row("topk_route", torch.float32, 1e-6),
+    Row("topk_route", torch.float64, ATOL[F64]),
+    *[Row("topk_attention", torch.float16, ATOL[F16], 2e-2, n) for n in NORMALIZERS],
+    *[Row("topk_attention", torch.float32, ATOL[F32], 1e-5, n) for n in NORMALIZERS],
+    *[Row("topk_attention", torch.float64, ATOL[F64], 1e-11, n) for n in NORMALIZERS],
+]
+KERNEL = {"entmax15": ops.entmax15_kernel, "sparsemax": ops.sparsemax_kernel, "softmax": ops.softmax_kernel}
+FAST = {"entmax15": ops.entmax15, "sparsemax": ops.sparsemax}  # the custom ops (closed-form backward)
+PACKAGE = {"entmax15": entmax.entmax15, "sparsemax": entmax.sparsemax}
+REFERENCE = {"entmax15": reference.entmax15, "sparsemax": reference.sparsemax,
+             "softmax": reference.safe_softmax}
+
+
+def rows(*names, dtypes=(torch.float16, torch.float32, torch.float64)):
+    return [pytest.param(r, id=r.id) for r in TABLE if r.op in names and r.dtype in dtypes]
+
+
+def close(got, want, atol, what=""):
+    got, want = (np.asarray(t.detach().double().numpy() if torch.is_tensor(t) else t, np.float64)
+                 for t in (got, want))
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=what)
+
+
+def finite(*ts):
+    for t in ts:
+        assert torch.isfinite(t).all()
+
+
+# ---- normalizers --------------------------------------------------------------------------------
+@pytest.mark.parametrize("row", rows("entmax15", "sparsemax"))
+def test_golden_values(row):
+    x = torch.tensor([[-2.0, 0.0, 0.5]], dtype=row.dtype)
+    want = {"sparsemax": [0, 0.25, 0.75], "entmax15": [0, 0.3260, 0.6740]}[row.op]
+    for y in (KERNEL[row.op](x), FAST[row.op](x)):
+        close(y[0], want, max(row.atol, 5e-5))
+        assert y[0, 0] == 0
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("row", rows("entmax15", "sparsemax", dtypes=(torch.float32, torch.float64)))
+def test_vs_entmax_package(row, n):
+    x = torch.from_numpy(normalizer_rows(n, NP[row.dtype]))
+    x = x[torch.isfinite(x).all(-1)]  # the package has no -inf handling
+    want = PACKAGE[row.op](x.double(), dim=-1)
+    for y in (KERNEL[row.op](x), FAST[row.op](x)):
+        close(y, want, row.atol)
+        assert ((y == 0) == (want == 0)).all()  # same support
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("row", rows("entmax15", "sparsemax", "softmax"))
+def test_normalizer_vs_reference(row, n):
+    x = normalizer_rows(n, NP[row.dtype])
+    ref = REFERENCE[row.op](x.astype(np.float64))
+    fns = [KERNEL[row.op]] + ([FAST[row.op]] if row.op in FAST else [])
+    for y in (fn(torch.from_numpy(x)) for fn in fns):
+        assert y.dtype == row.dtype
+        finite(y)
+        close(y, ref, row.atol)
+        assert (y[torch.from_numpy(np.isneginf(x))] == 0).all()
+        assert (y[ALL_MASKED_ROW] == 0).all()
+        if row.op != "softmax":
+            tol = row.atol if row.dtype == torch.float16 else 0  # float32/64: identical supports
+            assert not support_mismatch(y.double().numpy(), ref, tol).any()
+
+
+# ---- top-k selection, routing, attention ------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_ties_lower_index(seed):
+    """torch.topk leaves ties unspecified; topk_lower_index breaks finite ties like ONNX TopK.
+    Ties among -inf (masked, weight exactly 0) may come in any order."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        n = int(torch.randint(1, 50, (1,), generator=g))
+        x = torch.randint(-2, 3, (3, 4, n), generator=g).double()
+        x[torch.rand(x.shape, generator=g) < 0.3] = float("-inf")
+        for k in sorted({0, 1, n // 2, n - 1, n}):
+            val, idx = ops.topk_lower_index(x, k)
+            rv, ri = reference.topk(x.numpy(), k)
+            finite = np.isfinite(rv)
+            np.testing.assert_array_equal(np.where(finite, idx.numpy(), -1), np.where(finite, ri, -1))
+            np.testing.assert_array_equal(val.numpy(), rv)
+
+
+@pytest.mark.parametrize("e,k", [(1, 1), (3, 2), (8, 2), (8, 8), (64, 2)])
+@pytest.mark.parametrize("row", rows("topk_route"))
+def test_topk_route_vs_reference(row, e, k):
+    x = route_logits(e, NP[row.dtype])
+    rg, re = reference.topk_route(x.astype(np.float64), k)
+    for fn in (ops.topk_route_kernel, ops.topk_route):
+        gates, experts = fn(torch.from_numpy(x), k)
+        assert gates.dtype == row.dtype and experts.shape == (len(x), k)
+        finite(gates)
+        sel = np.take_along_axis(x.astype(np.float64), re, -1)
+        keep = np.isfinite(sel)  # experts picked among -inf logits (gate 0) may come in any order
+        np.testing.assert_array_equal(np.where(keep, experts.numpy(), -1), np.where(keep, re, -1))
+        close(gates, rg, row.atol)
+        assert (gates[-1] == 0).all()  # only -inf logits: zero gates, not NaN
+
+
+def _torch(*arrays):
+    return [torch.from_numpy(a) for a in arrays]
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("row", rows("topk_attention"))
+def test_topk_attention_vs_reference(row, n):
+    q, k, v, mask, scale = attention_inputs(n, NP[row.dtype], t=4 if n > 1000 else 6)
+    ro, ri, rw = reference.topk_attention(*(a.astype(np.float64) for a in (q, k, v)), mask, K,
+                                          row.normalizer, scale)
+    slow = ops.topk_attention_kernel(*_torch(q, k, v, mask), K, row.normalizer, scale)
+    fast = ops.topk_attention(*_torch(q, k, v, mask), K, row.normalizer, scale, chunk=3)
+    for out, idx, w in (slow, fast):
+        assert idx.shape == w.shape == (*q.shape[:-1], min(K, n)) and out.dtype == w.dtype == row.dtype
+        finite(out, w)
+        # exact scores: finite ties go to the lower index; masked picks (weight 0) in any order
+        live = mask[np.arange(mask.shape[0])[:, None], ri]  # (T, k) broadcast over (B, H)
+        np.testing.assert_array_equal(np.where(live, idx.numpy(), -1), np.where(live, ri, -1))
+        close(w, rw, row.atol, "w")
+        close(out, ro, row.atol_out, "out")
+        assert (out[..., 1, :] == 0).all() and (w[..., 1, :] == 0).all()  # query 1 sees no key
+
+
+@pytest.mark.parametrize("top_k", (0, 1, K, 100))
+@pytest.mark.parametrize("n", (1, 3))
+def test_fewer_keys_than_k(n, top_k):
+    q, k, v, mask, scale = attention_inputs(n, F64)
+    kk = reference.effective_k(top_k, n)
+    want = reference.topk_attention(q, k, v, mask, top_k, "entmax15", scale)
+    for got in (ops.topk_attention_kernel(*_torch(q, k, v, mask), top_k, "entmax15", scale),
+                ops.topk_attention(*_torch(q, k, v, mask), top_k, "entmax15", scale)):
+        assert got[1].shape[-1] == kk
+        for g, w in zip(got, want):
+            close(g, w, 1e-12)
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+def _x(shape, seed=0, neg_inf=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if neg_inf:
+        x[torch.rand(shape, generator=g) < neg_inf] = float("-inf")
+        x[..., 0] = 0.3  # keep one finite entry per row
+    return x
+
+
+@pytest.mark.parametrize("name", ["entmax15", "sparsemax"])
+def test_gradcheck_normalizer(name):
+    x = _x((4, 9)).requires_grad_()
+    assert torch.autograd.gradcheck(FAST[name], (x,))
+    assert torch.autograd.gradcheck(KERNEL[name], (x,))
+
+
+def test_gradcheck_topk_route():
+    x = _x((5, 8)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.topk_route(t, 3)[0], (x,))
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_gradcheck_topk_attention(normalizer):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, s, 5, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in (4, 7, 7))
+    mask = torch.ones(4, 7, dtype=torch.bool).tril(3)
+    mask[1, 2] = False
+    fn = lambda q, k, v: ops.topk_attention(q, k, v, mask, 3, normalizer, 0.7, 2)[::2]  # (out, w)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["entmax15", "sparsemax", "softmax"])
+def test_neg_inf_and_all_masked_rows(name):
+    x = _x((5, 11), seed=3, neg_inf=0.4)
+    x[2] = float("-inf")
+    fns = [KERNEL[name]] + ([FAST[name]] if name in FAST else [])
+    for fn in fns:
+        xr = x.clone().requires_grad_()
+        y = fn(xr)
+        finite(y)
+        assert (y[torch.isinf(x)] == 0).all() and (y[2] == 0).all()
+        (y * torch.randn_like(y)).sum().backward()
+        finite(xr.grad)
+        assert (xr.grad[torch.isinf(x)] == 0).all() and (xr.grad[2] == 0).all()
+
+
+def test_all_masked_attention_and_route_grads():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, s, 4, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in (3, 6, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0] = False
+    mask[2, ::2] = False
+    for normalizer in NORMALIZERS:
+        out, _, w = ops.topk_attention(q, k, v, mask, 4, normalizer, 0.5)
+        finite(out, w)
+        assert (out[..., 0, :] == 0).all() and (w[..., 0, :] == 0).all()
+        q.grad = k.grad = v.grad = None
+        (out.sum() + w.sum()).backward()
+        finite(q.grad, k.grad, v.grad)
+        assert (q.grad[..., 0, :] == 0).all()
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    logits[1] = float("-inf")
+    logits.requires_grad_()
+    gates, _ = ops.topk_route(logits, 2)
+    finite(gates)
+    assert (gates[1] == 0).all()
+    (gates * torch.randn_like(gates)).sum().backward()
+    finite(logits.grad)
+
+
+# ---- fast path (custom ops) == slow path (plain kernels) --------------------------------------
+@pytest.mark.parametrize("chunk", (0, 1, 4))
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_attention_fast_path_equals_slow_path(normalizer, chunk):
+    q, k, v, mask, scale = attention_inputs(21, F64, grid=False, t=9)
+    qs = [torch.from_numpy(a).requires_grad_() for a in (q, k, v)]
+    qf = [torch.from_numpy(a).requires_grad_() for a in (q, k, v)]
+    m = torch.from_numpy(mask)
+    slow = ops.topk_attention_kernel(*qs, m, K, normalizer, scale)  # autograd through the kernel
+    fast = ops.topk_attention(*qf, m, K, normalizer, scale, chunk)  # custom op, recomputing backward
+    for a, b in zip(slow, fast):
+        close(a, b, 1e-13)
+    g = torch.Generator().manual_seed(0)
+    d_out, d_w = torch.randn(slow[0].shape, generator=g, dtype=torch.float64), torch.randn(
+        slow[2].shape, generator=g, dtype=torch.float64)
+    gs = torch.autograd.grad((slow[0], slow[2]), qs, (d_out, d_w))
+    gf = torch.autograd.grad((fast[0], fast[2]), qf, (d_out, d_w))
+    for a, b in zip(gs, gf):
+        close(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("name", ["entmax15", "sparsemax"])
+def test_normalizer_fast_path_equals_slow_path(name):
+    x = _x((6, 33), seed=5, neg_inf=0.2)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yf = KERNEL[name](xs), FAST[name](xf)
+    close(ys, yf, 0)
+    dy = torch.randn_like(ys)
+    (gs,), (gf,) = torch.autograd.grad(ys, xs, dy), torch.autograd.grad(yf, xf, dy)
+    close(gs, gf, 1e-12)
+
+
+def test_route_fast_path_equals_slow_path():
+    x = _x((7, 8), seed=6)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (gs, es), (gf, ef) = ops.topk_route_kernel(xs, 3), ops.topk_route(xf, 3)
+    assert torch.equal(es, ef)
+    close(gs, gf, 0)
+    d = torch.randn_like(gs)
+    close(torch.autograd.grad(gs, xs, d)[0], torch.autograd.grad(gf, xf, d)[0], 1e-12)

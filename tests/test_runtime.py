@@ -1,0 +1,236 @@
+"""The ONNX Runtime session: equality with PyTorch, generation, threads, no-torch, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ressformer import load_checkpoint
+from ressformer.cli import main
+from runtime import ModelError, ReSSFormerSession
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sess(tiny_export):
+    return ReSSFormerSession(tiny_export, threads=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+def toks(B, T, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (B, T))
+
+
+def torch_logits(model, x, steps=None):
+    with torch.no_grad():
+        return model(torch.from_numpy(x), steps=steps).logits.numpy()
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (2, 32), (1, 100)])
+def test_whole_equals_torch(sess, model, B, T):
+    x = toks(B, T)
+    got, st = sess.forward(x)
+    np.testing.assert_allclose(got, torch_logits(model, x), atol=2e-4, rtol=1e-3)
+    assert st.pos == T
+
+
+def test_full_graph_equals_step_graphs(sess):
+    x = toks(2, 100, seed=3)
+    a, sa = sess.forward(x)
+    b, sb = sess.forward(x, full_graph=True)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(sa.memory, sb.memory, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [[1] * 40, [5, 30, 1, 33]])
+def test_pieces_and_decoding_equal_torch(sess, model, splits):
+    x = toks(2, sum(splits), seed=1)
+    st, outs, i = None, [], 0
+    for n in splits:
+        o, st = sess.forward(x[:, i:i + n], st)
+        outs.append(o)
+        i += n
+    np.testing.assert_allclose(np.concatenate(outs, 1), torch_logits(model, x), atol=2e-4, rtol=1e-3)
+
+
+def test_steps_other_than_trained(sess, model):
+    x = toks(1, 45, seed=2)
+    got, st = sess.forward(x, steps=4)
+    assert st.steps == 4
+    np.testing.assert_allclose(got, torch_logits(model, x, steps=4), atol=2e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="steps"):
+        sess.forward(x, st, steps=2)
+
+
+def test_generation_deterministic_and_streams(sess):
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.9)
+    a = list(sess.generate("To be", seed=7, **kw))
+    b = list(sess.generate("To be", seed=7, **kw))
+    c = list(sess.generate("To be", seed=8, **kw))
+    assert a == b and a != c and len(a) == 24
+    it = sess.generate("x", seed=0, max_new_tokens=5)
+    assert isinstance(next(it), int)  # an iterator: tokens come one at a time
+    greedy = list(sess.generate("To be", temperature=0, max_new_tokens=10))
+    assert greedy == list(sess.generate("To be", temperature=0, max_new_tokens=10, seed=123))
+
+
+def test_greedy_matches_torch(sess, model):
+    ids = np.frombuffer(b"Hello", np.uint8).astype(np.int64)
+    got = list(sess.generate(ids, temperature=0, max_new_tokens=40))
+    with torch.no_grad():
+        out, ref = model(torch.from_numpy(ids)[None]), []
+        for _ in range(40):
+            ref.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([[ref[-1]]]), out.state)
+    assert got == ref
+
+
+def test_stop_sequence(sess):
+    full = bytes(sess.generate("ab", seed=3, max_new_tokens=30))
+    ids = list(sess.generate("ab", seed=3, max_new_tokens=30, stop=[full[5:7]]))
+    assert bytes(ids).endswith(full[5:7]) and len(ids) <= 7
+    assert len(list(sess.generate("ab", seed=3, max_new_tokens=30, stop=["never-there"]))) == 30
+
+
+def test_threads_share_one_session(sess):
+    prompts = [f"prompt {i}" for i in range(8)]
+    want = {p: [list(sess.generate(p, seed=s, max_new_tokens=6)) for s in range(20)] for p in prompts}
+    got, errors = {}, []
+
+    def work(p):
+        try:
+            got[p] = [list(sess.generate(p, seed=s, max_new_tokens=6)) for s in range(20)]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == want
+
+
+def test_score_matches_torch(sess, model, tmp_path):
+    text = ("Shall I compare thee to a summer's day?\n" * 5).encode()
+    r = sess.score_stream(iter([text[:17], text[17:90], text[90:]]))
+    x = np.frombuffer(text, np.uint8).astype(np.int64)[None]
+    lg = torch.log_softmax(torch.from_numpy(torch_logits(model, x)).double(), -1)[0]
+    nll = -lg[:-1].gather(1, torch.from_numpy(x[0, 1:])[:, None]).sum().item()
+    assert r["predicted"] == len(text) - 1
+    assert abs(r["bits_per_byte"] - nll / (len(text) - 1) / np.log(2)) < 1e-4
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (np.array([[1, 256]]), ValueError, "token id 256 out of range"),
+    (np.array([[-3, 1]]), ValueError, "token id -3 out of range"),
+    (np.array([1, 2]), ValueError, "shape"),
+    (np.array([[1.0, 2.0]]), TypeError, "integer"),
+    (np.zeros((1, 0), np.int64), ValueError, "empty"),
+])
+def test_bad_tokens(sess, bad, err, match):
+    with pytest.raises(err, match=match):
+        sess.forward(bad)
+
+
+def test_bad_state(sess):
+    _, st = sess.forward(toks(2, 3))
+    with pytest.raises(ValueError, match="batch"):
+        sess.forward(toks(1, 3), st)
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="another model"):
+        sess.forward(toks(2, 3), replace(st, owner="0123456789abcdef"))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_model_folders(tiny_export, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        ReSSFormerSession(tmp_path / "nothing")
+    d = _copy(tiny_export, tmp_path / "a")
+    (d / "step.onnx").unlink()
+    with pytest.raises(ModelError, match="step.onnx .* missing"):
+        ReSSFormerSession(d)
+    d = _copy(tiny_export, tmp_path / "b")
+    data = bytearray((d / "step.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "step.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="corrupted"):
+        ReSSFormerSession(d)
+    d = _copy(tiny_export, tmp_path / "c")
+    meta = json.loads((d / "ressformer.json").read_text())
+    meta["ressformer_opset"]["version"] = 99
+    (d / "ressformer.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="unknown ressformer op-set version 99"):
+        ReSSFormerSession(d)
+    d = _copy(tiny_export, tmp_path / "d")
+    (d / "ressformer.json").write_text("{not json")
+    with pytest.raises(ModelError, match="corrupted"):
+        ReSSFormerSession(d)
+
+
+def test_unknown_opset_inside_graph(tiny_export, tmp_path):
+    """A graph that imports an unknown ressformer version is refused even if the sidecar agrees."""
+    import hashlib
+
+    import onnx
+
+    d = _copy(tiny_export, tmp_path / "e")
+    m = onnx.load(str(d / "head.onnx"))
+    m.opset_import.append(onnx.helper.make_opsetid("ressformer", 7))
+    onnx.save(m, str(d / "head.onnx"))
+    meta = json.loads((d / "ressformer.json").read_text())
+    meta["graphs"]["head"]["sha256"] = hashlib.sha256((d / "head.onnx").read_bytes()).hexdigest()
+    (d / "ressformer.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="version 7"):
+        ReSSFormerSession(d)
+
+
+def test_runtime_never_imports_torch(tiny_export):
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'ressformer', 'export', 'onnx', 'onnxscript'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from runtime import ReSSFormerSession
+s = ReSSFormerSession({str(tiny_export)!r})
+ids = list(s.generate('hi', max_new_tokens=5, seed=0))
+assert len(ids) == 5
+bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ressformer', 'export')]
+assert not bad, bad
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_cli_generate_and_score(tiny_export, tmp_path):
+    r = CliRunner().invoke(main, ["generate", str(tiny_export), "--prompt", "Hi", "--max-new-tokens", "8",
+                                  "--seed", "1", "--steps", "3"])
+    assert r.exit_code == 0 and r.output.startswith("Hi")
+    f = tmp_path / "t.txt"
+    f.write_text("hello there, " * 20)
+    r = CliRunner().invoke(main, ["score", str(tiny_export), str(f), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res[str(f)]["bytes"] == 260 and res[str(f)]["bits_per_byte"] > 0
+    r = CliRunner().invoke(main, ["generate", str(tmp_path / "none")])
+    assert r.exit_code != 0 and "does not exist" in r.output
