@@ -43,10 +43,13 @@ def _options(threads=None, optimization="all", profile_prefix=None, spinning=Non
 
 
 def session_with(export_dir, **opt_kw) -> ReSSFormerSession:
-    """A ReSSFormerSession whose graphs use custom SessionOptions (same files, same behaviour)."""
+    """A ReSSFormerSession whose graphs use custom SessionOptions (same files, same behaviour).
+    spinning=None does what the runtime does: spinning workers for step/full only."""
     sess = ReSSFormerSession(export_dir, threads=opt_kw.get("threads"))
     for name, g in sess.meta["graphs"].items():
         kw = dict(opt_kw)
+        if kw.get("spinning") is None:
+            kw["spinning"] = name in ("step", "full")
         if kw.get("profile_prefix"):
             kw["profile_prefix"] = f"{kw['profile_prefix']}_{name}"
         if kw.get("optimized_path"):
@@ -119,9 +122,10 @@ def profile(export_dir, length=2048, decode=64, threads=None, workdir=None) -> d
 def sweep(export_dir, length=2048, decode=64, threads=2, repeats=3) -> list[dict]:
     """Median times of prefill / decode under several session settings."""
     rows = []
-    settings = [("all (default)", {}), ("extended", {"optimization": "extended"}),
+    settings = [("all (default: step/full graphs spin)", {}), ("extended", {"optimization": "extended"}),
                 ("basic", {"optimization": "basic"}), ("disable", {"optimization": "disable"}),
-                ("all, no spinning", {"spinning": False}), ("all, 1 thread", {"threads": 1})]
+                ("no graph spins", {"spinning": False}),
+                ("every graph spins (before the fix)", {"spinning": True}), ("1 thread", {"threads": 1})]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         opt_dir = saved_optimized_export(export_dir, Path(tmp) / "opt", threads=threads)

@@ -99,6 +99,34 @@ def gemm_rate(n: int = 2048, repeats: int = 7) -> dict:
     return {"n": n, "seconds": med, "gflops": flop / med / 1e9, "best_gflops": flop / min(ts) / 1e9}
 
 
+def model_shape_gemm_rate(cfg, repeats: int = 5) -> dict:
+    """numpy float32 GFLOP/s of the model's own matmuls at their shapes for one whole segment
+    (q/k/v, memory k/v, output projection, router, each expert's two matmuls with an even share
+    of the tokens, head, memory-update projections; not the attention itself): the ceiling of
+    a perfect implementation built from plain GEMMs, below the 2048^3 rate since d is small."""
+    d, L, m, K = cfg.d_model, cfg.segment_len, cfg.mem_slots, cfg.n_steps
+    E, e, f, V = cfg.n_experts, cfg.top_e, cfg.d_ff, cfg.vocab_size
+    per_expert = max(L * e // E, 1)
+    shapes = [(L, d, 3 * d, K), (L, d, d, K), (L, d, E, K), (per_expert, d, f, K * E),
+              (per_expert, f, d, K * E), (L, d, V, 1)]
+    if m:
+        shapes += [(m, d, 3 * d, K), (m, d, d, 2 * K)]
+    rng = np.random.default_rng(0)
+    total_t = total_f = 0.0
+    for M, Kd, N, count in shapes:
+        a, b = rng.standard_normal((M, Kd), np.float32), rng.standard_normal((Kd, N), np.float32)
+        a @ b
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(8):
+                a @ b
+            ts.append((time.perf_counter() - t0) / 8)
+        total_t += statistics.median(ts) * count
+        total_f += 2 * M * Kd * N * count
+    return {"gflops": total_f / total_t / 1e9, "flops_per_segment": total_f, "seconds_per_segment": total_t}
+
+
 # ---- timing -----------------------------------------------------------------------------------
 def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Run each callable `warmup` times, then `repeats` rounds in rotating order (so no engine
@@ -196,6 +224,7 @@ def run_bench(checkpoint=None, preset=None, smoke: bool = False, threads: int | 
             }
             progress(f"GEMM rate: numpy float32 {sizes['gemm_n']}^3 ...")
             report["gemm"] = gemm_rate(sizes["gemm_n"], sizes["gemm_repeats"])
+            report["gemm"]["model_shapes"] = model_shape_gemm_rate(cfg, sizes["gemm_repeats"])
             report["flops"] = model_flops(cfg)
             gemm = report["gemm"]["gflops"] * 1e9
             fl = report["flops"]
@@ -346,9 +375,11 @@ def format_table(report) -> str:
         f"machine: {m['machine']}, {m['cpu_count']} CPUs, threads={m['threads'] or 'default'} "
         f"(torch {m['torch_threads']}), load avg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}",
-        f"GEMM rate (numpy float32 {g['n']}^3): {g['gflops']:.1f} GFLOP/s; model FLOPs/token "
-        f"{fl['per_token'] / 1e6:.2f} M (as executed: prefill {fl['executed_prefill'] / 1e6:.2f} M, "
-        f"decode {fl['executed_decode'] / 1e6:.2f} M)",
+        f"GEMM rate (numpy float32 {g['n']}^3): {g['gflops']:.1f} GFLOP/s; the model's matmul shapes "
+        f"alone (numpy): {g['model_shapes']['gflops']:.1f} GFLOP/s = "
+        f"{100 * g['model_shapes']['gflops'] / g['gflops']:.0f}%",
+        f"model FLOPs/token {fl['per_token'] / 1e6:.2f} M (as executed: prefill "
+        f"{fl['executed_prefill'] / 1e6:.2f} M, decode {fl['executed_decode'] / 1e6:.2f} M)",
         "ratio = PyTorch time / ORT time (> 1: ONNX Runtime faster); GEMM% = model FLOPs / time / GEMM rate",
         "",
         f"{'case':22} {'PyTorch':>12} {'ORT full':>12} {'ratio':>6} {'ORT steps':>12} {'ratio':>6} "

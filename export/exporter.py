@@ -49,6 +49,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     if quantize not in (None, "int8"):
         raise ValueError(f"unsupported quantization {quantize!r}; supported: int8")
+    if quantize and dtype != "fp32":  # int8 replaces fp32 weights; fp16 ones sit behind Casts
+        raise ValueError(f"quantize={quantize} needs dtype fp32 (the int8 weights replace the float32 ones), "
+                         f"got dtype {dtype}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -225,16 +228,14 @@ def _fold_weight_views(proto: onnx.ModelProto) -> int:
                 node.input[i] = rename[name]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         ins = list(node.input)
-        value = key = None
+        key = None
         if node.op_type == "Transpose" and len(ins) == 1 and ins[0] in inits:
             perm = attrs.get("perm")
             key = ("Transpose", ins[0], tuple(perm) if perm is not None else None)
-            value = (lambda a=arr(ins[0]), p=perm: np.ascontiguousarray(np.transpose(a, p)))
         elif node.op_type == "Gather" and len(ins) == 2 and all(n in inits for n in ins):
             idx, axis = arr(ins[1]), int(attrs.get("axis", 0))
             if idx.size <= 64:
                 key = ("Gather", ins[0], axis, idx.dtype.str, idx.shape, idx.tobytes())
-                value = (lambda a=arr(ins[0]), i=idx, ax=axis: np.ascontiguousarray(np.take(a, i, axis=ax)))
         if key is None or node.output[0] in graph_outputs:
             keep.append(node)
             continue
@@ -242,8 +243,12 @@ def _fold_weight_views(proto: onnx.ModelProto) -> int:
         if key in made:
             rename[node.output[0]] = made[key]
             continue
+        if key[0] == "Transpose":
+            value = np.transpose(arr(ins[0]), key[2])
+        else:
+            value = np.take(arr(ins[0]), arr(ins[1]), axis=key[2])
         out = node.output[0]
-        t = numpy_helper.from_array(value(), out)
+        t = numpy_helper.from_array(np.ascontiguousarray(value), out)
         g.initializer.append(t)
         inits[out] = t
         made[key] = out

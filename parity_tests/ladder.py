@@ -38,10 +38,20 @@ from runtime import ReSSFormerSession
 TOLERANCES = {
     "fp32": {"ops": (1e-6, 1e-5), "step": (1e-5, 1e-4), "segment": (2e-5, 1e-4), "stream": (5e-5, 2e-4),
              "decode": (5e-5, 2e-4)},
-    "fp16": {"ops": (1e-6, 1e-5), "step": (2e-2, 2e-2), "segment": (5e-2, 5e-2), "stream": (5e-2, 5e-2),
+    # fp16 / int8: the `a` each rung needed at these `r` (max over its rows), measured 2026-11-25 on
+    # a trained tiny (600 steps, 2.87 val bpb) / the tests' perturbed tiny / a random-init small:
+    #   fp16 step 2.1e-4 / 2.2e-4 / 1.6e-4, segment 3.5e-4 / 2.2e-4 / 1.9e-4,
+    #        stream 2.2e-4 / 3.4e-4 / 2.0e-4, decode 7.6e-4 / 3.0e-2 / 0.24;
+    #   int8 step 5.9e-3 / 3.0e-3 / 6.4e-3, segment 7.2e-3 / 8.3e-3 / 3.6e-3,
+    #        stream 7.1e-3 / 8.9e-3 / 4.6e-3, decode 9.2e-2 / 0.19 / 0.46.
+    # Set to ~10x the worst of these; the decode rung has no flip handling (it compares every
+    # position even after a selection flip), so its tolerance is wider and a random-init model,
+    # whose scores are near-ties everywhere, still fails it. Judged flip margins: fp16 <= 4.1e-3,
+    # int8 <= 2.7e-2 (under FLIP_EPS). int8 = every weight MatMul quantized (export/exporter.py).
+    "fp16": {"ops": (1e-6, 1e-5), "step": (2e-3, 2e-2), "segment": (3e-3, 5e-2), "stream": (3e-3, 5e-2),
              "decode": (5e-2, 5e-2)},
-    "int8": {"ops": (1e-6, 1e-5), "step": (1e-1, 1e-1), "segment": (2e-1, 1e-1), "stream": (2e-1, 1e-1),
-             "decode": (2e-1, 1e-1)},
+    "int8": {"ops": (1e-6, 1e-5), "step": (5e-2, 1e-1), "segment": (8e-2, 1e-1), "stream": (8e-2, 1e-1),
+             "decode": (3e-1, 1e-1)},
 }
 FLIP_EPS = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}  # margin (score / logit units) under which a flip is a tie
 
@@ -249,17 +259,25 @@ class Ladder:
             t_state = out.state
             t_logits.append(out.logits.numpy())
             o_logits.append(lo)
-            # diagnostics come per (sub-piece, step); the recorder saw the same calls in order
-            for ra, rm, d in zip(rec.attn, rec.moe, diag):
+            # diagnostics come per (sub-piece, step); the recorder saw the same calls in order. The
+            # session cuts a piece at segment boundaries: call c belongs to sub-piece c // steps.
+            starts, i = [], 0
+            while i < n:
+                starts.append(pos + i)
+                i += min(n - i, self.cfg.segment_len - (pos + i) % self.cfg.segment_len)
+            for c, (ra, rm, d) in enumerate(zip(rec.attn, rec.moe, diag)):
                 kf, km = key_flips(ra, d["attn_idx"], self.scale, self.cfg.top_k)
                 ef, em = expert_flips(rm, d["experts"])
                 n_flips += int(kf.sum()) + int(ef.sum())
-                margins += list(km) + list(em)
-                if kf.any() or ef.any():
-                    # position (within this call) of the earliest flipped query / token
-                    p = min([int(np.nonzero(kf.any((0, 1)))[0].min())] if kf.any() else [10**9]
-                            + ([int(np.nonzero(ef.any(0))[0].min())] if ef.any() else []))
-                    first_flip = pos + p if first_flip is None else min(first_flip, pos + p)
+                # absolute positions of the flipped queries / tokens, in the order of their margins
+                where = starts[c // steps] + np.concatenate([np.nonzero(kf)[2], np.nonzero(ef)[1]])
+                ms = np.concatenate([np.asarray(km, np.float64), np.asarray(em, np.float64)])
+                # Judge a flip's margin only where both sides still compute on the same values:
+                # before the earliest flip of an earlier call (causal: a flip at p changes nothing
+                # before p). Later flips follow from the divergence and can have any margin.
+                margins += list(ms if first_flip is None else ms[where < first_flip])
+                if where.size:
+                    first_flip = int(where.min()) if first_flip is None else min(first_flip, int(where.min()))
             pos += n
         tl, ol = np.concatenate(t_logits, 1), np.concatenate(o_logits, 1)
         max_margin = float(max(margins)) if margins else 0.0
@@ -303,8 +321,13 @@ class Ladder:
                 margins = list(km) + list(em)
                 mx = float(max(margins)) if margins else 0.0
                 case = f"B={batch} t={t}"
-                row = self.add(compare("step", case, "h_out", r["h_out"], th.numpy(), self.tol["step"],
-                                       flips=int(kf.sum() + ef.sum()), margin=mx))
+                # Within one step a flip changes h_out at its own position only (keys, values and
+                # the other queries' selections do not depend on it): leave flipped positions out.
+                flipped = kf.any(1) | ef  # (B, T)
+                note = f"{int(flipped.sum())} flipped positions left out" if flipped.any() else ""
+                row = self.add(compare("step", case, "h_out", r["h_out"][~flipped], th.numpy()[~flipped],
+                                       self.tol["step"], flips=int(kf.sum() + ef.sum()), margin=mx,
+                                       note=note))
                 if margins and mx >= self.eps:
                     row.passed, row.note = False, f"flip with margin {mx:.2e} >= eps {self.eps:.0e}"
                 if not (kf.any() or ef.any()):

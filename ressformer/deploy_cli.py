@@ -153,15 +153,15 @@ def demo(out, steps, preset):
     from export.exporter import export_checkpoint
     from parity_tests.ladder import run_ladder
     from ressformer import load_checkpoint
+    from ressformer.train import TrainConfig
+    from ressformer.train import train as run_train
 
     out = Path(out)
-    ck, ex = out / "checkpoint", out / "export"
-    click.echo(f"== 1/4 train {preset} for {steps} steps on the default corpus -> {ck}")
-    from ressformer.train import TrainConfig, train as run_train
-
-    run_train(TrainConfig(preset=preset, steps=steps, out=str(out / "train"), eval_every=max(steps // 4, 1),
-                          ckpt_every=steps))
-    src = out / "train" / "checkpoint"
+    src, ex = out / "train" / "ckpt", out / "export"
+    click.echo(f"== 1/4 train {preset} for {steps} steps on the default corpus -> {src}")
+    run_train(TrainConfig(preset=preset, steps=steps, out=str(out / "train"), eval_every=max(steps // 3, 1),
+                          ckpt_every=0, warmup=min(100, steps // 5), log_every=max(steps // 10, 1)),
+              log=click.echo)
     click.echo(f"== 2/4 export {src} -> {ex}")
     export_checkpoint(src, ex, overwrite=True, progress=click.echo)
     click.echo("== 3/4 parity ladder")

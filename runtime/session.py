@@ -127,18 +127,30 @@ class ReSSFormerSession:
         if optimization not in OPT_LEVELS:
             raise ValueError(f"unknown optimization level {optimization!r}; use one of {sorted(OPT_LEVELS)}")
         self.device = provider
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = OPT_LEVELS[optimization]
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+
+        def options(spinning: bool) -> ort.SessionOptions:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = OPT_LEVELS[optimization]
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+                opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            if not spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return opts
+
+        # Each graph has its own intra-op thread pool, whose idle workers busy-wait (spin) after a
+        # run. The small graphs run between step-graph calls (embed, head, memory) and would steal a
+        # core from the step graph that runs next: they get workers that do not spin. Measured on 2
+        # cores (`small`, threads=2): decode 112 -> 214 tokens/s, step-graph prefill of 2048
+        # tokens 1284 -> 802 ms; model.onnx unchanged (docs/performance.md).
+        spin_graphs = ("step", "full")
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         self.graphs: dict[str, _Graph] = {}
         for name, g in self.meta["graphs"].items():
             path = self.dir / g["file"]
             self._check_graph_file(name, path, g, verify_hashes)
-            self.graphs[name] = _Graph(path, opts, providers, provider)
+            self.graphs[name] = _Graph(path, options(name in spin_graphs), providers, provider)
 
     # ---- loading and checks -----------------------------------------------------------------
     def _read_sidecar(self) -> dict:
@@ -178,6 +190,8 @@ class ReSSFormerSession:
             if h.hexdigest() != g["sha256"]:
                 raise ModelError(f"graph file {path.name} ({name}) is corrupted: sha256 differs from "
                                  f"{SIDECAR}")
+        if path.suffix == ".ort":  # ORT format (flatbuffers, not protobuf): ORT checks its op sets on load
+            return
         for version in _ressformer_opset_versions(data):
             if version not in KNOWN_RESSFORMER_OPSETS:
                 raise ModelError(f"{path.name} uses ressformer op-set version {version}; this runtime "
@@ -306,10 +320,12 @@ class ReSSFormerSession:
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str | bytes] | None = None,
                  steps: int | None = None) -> Iterator[int]:
         """Yield new token ids one at a time (batch 1). prompt: str or token ids. Prefill runs the
-        prompt in segment pieces; decoding feeds one token at a time with the per-step caches."""
+        prompt in segment pieces; decoding feeds one token at a time with the per-step caches.
+        Generation ends after max_new_tokens or once the output ends with a stop sequence (str,
+        matched on its UTF-8 bytes, or bytes); the stop sequence is part of the output."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -322,7 +338,7 @@ class ReSSFormerSession:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
         logits, state = self.forward(ids[None, :], steps=steps)
-        stops = [s.encode("utf-8") for s in (stop or []) if s]
+        stops = [s if isinstance(s, bytes) else s.encode("utf-8") for s in (stop or []) if s]
         tail = b""
         for _ in range(max_new_tokens):
             nxt = sample(logits[:, -1], rng, temperature, top_k, top_p)
