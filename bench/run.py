@@ -8,7 +8,7 @@ Measured in one run, the engines alternating, medians of repeated runs:
 * generation speed: a prompt of half a segment, then one segment's worth of tokens decoded one
   at a time with the caches on both sides (teacher-forced with the same fixed tokens, so both
   engines see identical inputs; one memory update falls inside the timed span);
-* peak memory (RSS high-water, `ru_maxrss`) of a fresh child process per engine and length while
+* peak memory (RSS high-water mark, VmHWM) of a fresh child process per engine and length while
   streaming 4k, 16k and 64k tokens in segment pieces (bench/stream_child.py);
 * model FLOPs per token counted analytically from the config, and the achieved fraction of the
   machine's GEMM rate (numpy float32 matmul 2048^3, measured in the same run).
@@ -154,7 +154,7 @@ def _sizes(smoke: bool, cfg) -> dict:
     if not smoke:
         return dict(FULL)
     L = cfg.segment_len
-    return dict(SMOKE, prefill=(2 * L, 4 * L), stream=(8 * L, 32 * L))
+    return dict(SMOKE, prefill=(2 * L, 4 * L), stream=(4 * L, 16 * L))
 
 
 def _prepare(checkpoint, preset, export_dir, work: Path, progress):

@@ -13,7 +13,7 @@ from ressformer import ReSSFormerConfig
 from runtime import ReSSFormerSession
 
 # Top-1 next-token agreement with the fp32 export on held-out text (tiny test model), measured
-# 1.00 (fp16) and 0.99 (int8); the floors leave room for other seeds and machines.
+# 0.997 (fp16) and 0.973 (int8) on 1024 bytes; the floors leave room for other seeds and machines.
 MIN_AGREEMENT = {"fp16": 0.95, "int8": 0.85}
 
 
