@@ -24,6 +24,7 @@ from ressformer.ops import OPSET_VERSION
 
 from .modules import WRAPPERS, example_inputs
 from .ops import DOMAIN, SUPPORTED_OPSETS, check_normalizers, function_protos
+from .ops import _all_nodes as _nodes
 from .spec import graph_specs
 
 SIDECAR = "ressformer.json"
@@ -155,14 +156,6 @@ def _name_dynamic_axes(proto, spec):
         for dim, s in zip(dims, io.shape):
             if isinstance(s, str):
                 dim.dim_param = s
-
-
-def _nodes(graph):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.g.node:
-                yield from _nodes(a.g)
 
 
 def _fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:

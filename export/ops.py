@@ -98,6 +98,8 @@ def TopKRoute(logits: FLOAT, k: int) -> tuple[FLOAT, INT64]:
     return gates, experts
 
 
+# Three variants with one body each: onnxscript cannot branch on a string attribute, and a
+# runtime If/Where over all three normalizers would compute each of them (see topk_attention_proto).
 @script(ressformer, default_opset=op)
 def TopKAttentionEntmax15(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, scale: float,
                           normalizer: str) -> tuple[FLOAT, INT64, FLOAT]:
