@@ -125,6 +125,12 @@ def _sparsemax_backward(ctx, dy):
 _sparsemax_op.register_autograd(_sparsemax_backward, setup_context=_entmax15_setup)
 
 
+# The normalizers as differentiated inside top-k attention: autograd through the sort-based
+# kernels is wrong at the support's edge (d sqrt(delta) at delta = 0 is inf, and inf * 0 = NaN;
+# seen as NaN losses after ~100 training steps), so use the closed-form backward.
+_NORM_OPS = {"entmax15": _entmax15_op, "sparsemax": _sparsemax_op, "softmax": softmax_kernel}
+
+
 # ---- top-k attention ------------------------------------------------------------------------
 def topk_lower_index(x: torch.Tensor, k: int):
     """`x.topk(k, dim=-1)` (sorted, descending) with ties broken toward the lower index, as ONNX
@@ -166,7 +172,7 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
     """
     T, N = q.shape[-2], k.shape[-2]
     kk = N if top_k <= 0 else min(top_k, N)
-    norm = KERNELS[normalizer]
+    norm = _NORM_OPS[normalizer]  # custom ops: their closed-form backward, also in the recompute
     chunk = chunk if chunk > 0 else max(T, 1)
     outs, idxs, ws = [], [], []
     for s in range(0, T, chunk):

@@ -205,3 +205,21 @@ def test_attention_memory_is_chunked():
     b = topk_attention_kernel(q, k, v, mask, 8, "entmax15", 1 / math.sqrt(8), chunk=0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("normalizer", ["entmax15", "sparsemax"])
+def test_attention_grad_finite_at_support_edge(normalizer):
+    """Regression: the recompute backward once differentiated through the sort-based kernel,
+    whose sqrt(delta) has an infinite derivative where delta = 0: NaN gradients in training."""
+    from ressformer.ops import topk_attention
+
+    # scores [0, 0, -2, -2]: entmax's halved, shifted [0, 0, -1, -1] has ss = 1, so delta = 0
+    # exactly at rho = 4 (outside the support of size 2)
+    q = torch.tensor([[[[1.0, 0.0]]]], requires_grad=True)
+    k = torch.tensor([[[[0.0, 1.0], [0.0, -1.0], [-2.0, 0.5], [-2.0, 0.0]]]], requires_grad=True)
+    v = torch.randn(1, 1, 4, 2, requires_grad=True)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    out, _, w = topk_attention(q, k, v, mask, 4, normalizer, 1.0)
+    (out.sum() + (w ** 2).sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
