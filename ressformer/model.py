@@ -248,11 +248,11 @@ class ReSSFormer(nn.Module):
     def reset_parameters(self):
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or ".norm" in name or name.startswith("norm"):
+            if "norm" in name:  # RMSNorm gains stay 1
                 continue
             if p.dim() >= 2:
                 nn.init.normal_(p, std=std)
-            elif name.endswith("bias") or name.startswith("blocks") and ".b" in name:
+            else:  # biases
                 nn.init.zeros_(p)
         for n, p in self.named_parameters():
             if n.endswith("proj.weight") or n.endswith(".w2"):  # GPT-2 style residual scaling
