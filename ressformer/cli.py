@@ -52,7 +52,7 @@ def _register_optional():
     """Commands that live in their own modules (each imports its heavy deps lazily)."""
     from importlib import import_module
 
-    for mod, names in [("ressformer.train_cli", ["train", "mqar"]),
+    for mod, names in [("ressformer.train_cli", ["train", "mqar", "evaluate"]),
                        ("ressformer.deploy_cli", ["export", "parity", "generate", "score", "bench",
                                                   "demo"])]:
         try:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ReSSFormerConfig
-from .ops import topk_attention, topk_route
+from .ops import _exporting, topk_attention, topk_route
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +90,7 @@ class Attention(nn.Module):
         d = cfg.d_model
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
+        self.dense_fast_path = cfg.top_k == 0 and cfg.normalizer == "softmax" and cfg.lambda_struct == 0
 
     def heads(self, x):  # (B, T, d) -> (B, H, T, D)
         B, T, _ = x.shape
@@ -119,8 +120,14 @@ class Attention(nn.Module):
             torch.ones(T, P, dtype=torch.bool, device=dev),
             torch.ones(T, T, dtype=torch.bool, device=dev).tril(),
         ], dim=1)  # (T, N)
-        out, idx, w = topk_attention(q, keys, vals, mask, cfg.top_k, cfg.normalizer,
-                                     1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
+        if self.dense_fast_path and self.record is None and not _exporting():
+            # the dense softmax baseline: plain scaled dot-product attention (PyTorch's fused
+            # kernels); the same numbers as TopKAttention over all keys, which the export keeps
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+            idx = w = None  # no sparse pattern: L_struct is off (lambda_struct == 0)
+        else:
+            out, idx, w = topk_attention(q, keys, vals, mask, cfg.top_k, cfg.normalizer,
+                                         1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
         if self.record is not None:
             self.record.append({"q": q.detach(), "keys": keys.detach(), "mask": mask, "idx": idx, "w": w.detach()})
         out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
@@ -160,11 +167,11 @@ class MoE(nn.Module):
             for e in range(cfg.n_experts):
                 tok, slot = torch.nonzero(experts == e, as_tuple=True)  # tokens routed to e
                 y = self.expert(e, xf[tok]) * gates[tok, slot].unsqueeze(-1)
-                out = out.index_add(0, tok, y)
+                out = out.index_add(0, tok, y.to(out.dtype))  # autocast may give y another dtype
         if self.record is not None:
             self.record.append({"logits": logits.detach().view(B, T, -1), "experts": experts.view(B, T, -1)})
         aux = {}
-        if self.training or not torch.onnx.is_in_onnx_export():
+        if self.training or not _exporting():
             probs = torch.softmax(logits.float(), -1)
             frac = F.one_hot(experts, cfg.n_experts).float().sum(1).mean(0) / cfg.top_e  # f_e
             aux["balance"] = cfg.n_experts * (frac * probs.mean(0)).sum()
@@ -374,7 +381,7 @@ class ReSSFormer(nn.Module):
         cfg = self.config
         pos, T = state.pos, tokens.shape[1]
         h, conv = self.embed_tokens(tokens, state.conv, pos)
-        ks, vs, bal, zl, struct = [], [], 0.0, 0.0, 0.0
+        ks, vs, bal, zl, struct = [], [], 0.0, 0.0, h.new_zeros(())
         prev = None
         for t in range(steps):
             h, k, v, idx, w, _, aux = self.step(t, h, state.memory, state.cache_k[t], state.cache_v[t],
@@ -382,7 +389,7 @@ class ReSSFormer(nn.Module):
             ks.append(k)
             vs.append(v)
             bal, zl = bal + aux["balance"], zl + aux["z"]
-            if prev is not None:
+            if prev is not None and idx is not None:
                 n_keys = state.memory.shape[1] + state.cache_k.shape[-2] + state.past_k.shape[-2] + T
                 struct = struct + structural_continuity(prev[0], prev[1], idx, w, n_keys)
             prev = (idx, w)

@@ -80,14 +80,21 @@ KERNELS = {"entmax15": entmax15_kernel, "sparsemax": sparsemax_kernel, "softmax"
 
 
 # ---- custom ops with closed-form backward ---------------------------------------------------
+def _no_autocast(x: torch.Tensor):
+    """The custom ops compute in their inputs' dtype: CUDA autocast would otherwise run cumsum, pow
+    and softmax inside the kernels in float32 and hand back float32 from bfloat16 inputs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.library.custom_op("ressformer::entmax15", mutates_args=())
 def _entmax15_op(x: torch.Tensor) -> torch.Tensor:
-    return entmax15_kernel(x)
+    with _no_autocast(x):
+        return entmax15_kernel(x).to(x.dtype).contiguous()  # contiguous, as the fake says (torch.compile)
 
 
 @_entmax15_op.register_fake
 def _(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _entmax15_setup(ctx, inputs, output):
@@ -107,12 +114,13 @@ _entmax15_op.register_autograd(_entmax15_backward, setup_context=_entmax15_setup
 
 @torch.library.custom_op("ressformer::sparsemax", mutates_args=())
 def _sparsemax_op(x: torch.Tensor) -> torch.Tensor:
-    return sparsemax_kernel(x)
+    with _no_autocast(x):
+        return sparsemax_kernel(x).to(x.dtype).contiguous()
 
 
 @_sparsemax_op.register_fake
 def _(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _sparsemax_backward(ctx, dy):
@@ -195,8 +203,9 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
 def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        top_k: int, normalizer: str, scale: float, chunk: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return topk_attention_kernel(q, k, v, mask, top_k, normalizer, scale, chunk)
+    with torch.no_grad(), _no_autocast(q):
+        out, idx, w = topk_attention_kernel(q, k, v, mask, top_k, normalizer, scale, chunk)
+    return out.to(q.dtype).contiguous(), idx.contiguous(), w.to(q.dtype).contiguous()
 
 
 @_topk_attention_op.register_fake
@@ -204,7 +213,9 @@ def _(q, k, v, mask, top_k, normalizer, scale, chunk):
     N = k.shape[-2]
     kk = N if top_k <= 0 else min(top_k, N)
     shape = (*q.shape[:-1], kk)
-    return torch.empty_like(q), q.new_empty(shape, dtype=torch.long), q.new_empty(shape)
+    # contiguous like the kernel's torch.cat (empty_like would copy q's strides: a stride
+    # mismatch under torch.compile, since q is usually a transposed view)
+    return q.new_empty(q.shape), q.new_empty(shape, dtype=torch.long), q.new_empty(shape)
 
 
 def _topk_attention_setup(ctx, inputs, output):
@@ -217,7 +228,7 @@ def _topk_attention_backward(ctx, d_out, d_idx, d_w):
     # Recompute-based backward (like activation checkpointing): memory stays chunk x N.
     q, k, v, mask = ctx.saved_tensors
     top_k, normalizer, scale, chunk = ctx.args
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_autocast(q):
         q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
         out, _, w = topk_attention_kernel(q_, k_, v_, mask, top_k, normalizer, scale, chunk)
         grads = torch.autograd.grad((out, w), (q_, k_, v_), (d_out, d_w), allow_unused=True)
@@ -238,7 +249,9 @@ def topk_route_kernel(logits: torch.Tensor, k: int):
 
 @torch.library.custom_op("ressformer::topk_route", mutates_args=())
 def _topk_route_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return topk_route_kernel(logits, k)
+    with _no_autocast(logits):
+        gates, idx = topk_route_kernel(logits, k)
+    return gates.to(logits.dtype).contiguous(), idx.contiguous()
 
 
 @_topk_route_op.register_fake

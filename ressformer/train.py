@@ -46,6 +46,7 @@ class TrainConfig:
     baseline: bool = False  # dense softmax transformer with about the same parameter count
     steps: int = 1000  # total optimizer steps (the cosine schedule's length)
     stop_at: int | None = None  # stop (and checkpoint) at this step; resume later with --resume
+    max_minutes: float | None = None  # also stop (evaluate, checkpoint) after this much wall time
     batch_size: int = 16  # sequences per micro-step per process
     grad_accum: int = 1  # micro-steps per optimizer step
     seq_len: int | None = None  # bytes per sequence; None: 2 segments of the preset
@@ -80,6 +81,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "ckpt_every", "weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be positive, got {self.max_minutes}")
         need(self.seq_len is None or self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -355,10 +357,13 @@ def train(tc: TrainConfig, log=print) -> dict:
         return rec
 
     last_val = run_eval(start) if start == 0 else None
+    deadline = time.monotonic() + 60 * tc.max_minutes if tc.max_minutes else math.inf
     model.train()
     params = list(model.parameters())
     train_time, last = 0.0, None  # tokens/s counts the training steps only, not eval/checkpoints
     for step in range(start, end):
+        if step >= end:  # the time limit moved the end
+            break
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -384,15 +389,21 @@ def train(tc: TrainConfig, log=print) -> dict:
 
         done = step + 1
         train_time += time.perf_counter() - t0
+        if time.monotonic() > deadline and done < end:
+            say(f"--max-minutes {tc.max_minutes} reached: stopping at step {done}")
+            end = done
         rec = {"step": done, **terms, "lr": lr, "grad_norm": float(norm), "tokens": done * tokens_per_step,
                "tokens_per_s": (done - start) * tokens_per_step / train_time}
+        if device.type == "cuda":  # peak since the start of this process, this rank's GPU
+            rec["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if master:
             write_jsonl(metrics, rec)
         last = rec
         if done % tc.log_every == 0 or done == end:
             say(f"step {done:>6}/{tc.steps} | loss {terms['loss']:.4f} (ce {terms['ce']:.4f} "
                 f"bal {terms['balance']:.3f} z {terms['z']:.2f} struct {terms['struct']:.4f}) | "
-                f"lr {lr:.2e} | {rec['tokens_per_s']:,.0f} tok/s")
+                f"lr {lr:.2e} | {rec['tokens_per_s']:,.0f} tok/s"
+                + (f" | {rec['cuda_peak_gb']:.2f} GiB" if "cuda_peak_gb" in rec else ""))
         if tc.eval_every and done % tc.eval_every == 0 or done == end:
             last_val = run_eval(done)
         if tc.ckpt_every and done % tc.ckpt_every == 0 or done == end:
@@ -403,6 +414,51 @@ def train(tc: TrainConfig, log=print) -> dict:
     say(f"done at step {end}: checkpoint {out / CKPT_DIR}, metrics {metrics}, plot {out / PLOT_FILE}")
     return {"step": end, "train": last, "val": last_val, "n_params": model.num_params(),
             "out": str(out), "checkpoint": str(out / CKPT_DIR), "config": cfg.to_dict()}
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, seq_len: int | None = None,
+                        shuffle_paragraphs: bool = False, seed: int = 0, windows: int = 0, batch_size: int = 8,
+                        val_fraction: float = D.VAL_FRACTION, device: str = "auto", progress=None) -> dict:
+    """Bits per byte of a checkpoint on the validation split of `data` (default: the run's own
+    data if recorded, else the default corpus), over `windows` evenly spaced windows of seq_len
+    bytes (0: every non-overlapping window). shuffle_paragraphs shuffles the validation split's
+    paragraphs first (the structure experiment): the same bytes, long-range order destroyed."""
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = load_checkpoint(ckpt)
+    run = (meta.get("train") or {}).get("config", {})
+    data = data if data is not None else run.get("data")
+    seq_len = seq_len or run.get("seq_len") or 2 * model.config.segment_len
+    if model.config.pos_encoding == "learned" and seq_len > model.config.max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds this model's {model.config.max_positions} learned positions")
+    text = D.default_corpus() if data is None else D.load_text(data)
+    _, val = D.split(text, seq_len, val_fraction)
+    if shuffle_paragraphs:
+        val = np.frombuffer(D.shuffle_paragraphs(val.tobytes().decode("utf-8", "replace"), seed).encode("utf-8"),
+                            np.uint8)
+    n = windows or (val.size - 1) // seq_len
+    if n < 1 or val.size < seq_len + 1:
+        raise D.DataError(f"the validation split ({val.size:,} bytes) is smaller than one window of {seq_len}")
+    if windows:
+        x_all, y_all = D.eval_windows(val, seq_len, n)
+    else:  # every non-overlapping window
+        chunk = val[: n * seq_len + 1]
+        x_all = np.stack([chunk[i * seq_len:(i + 1) * seq_len] for i in range(n)]).astype(np.int64)
+        y_all = np.stack([chunk[i * seq_len + 1:(i + 1) * seq_len + 1] for i in range(n)]).astype(np.int64)
+    dev = resolve_device(device)
+    model.to(dev)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x, y = (torch.from_numpy(a[i:i + batch_size]).to(dev) for a in (x_all, y_all))
+            logits = model(x).logits
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+            if progress:
+                progress(min(i + batch_size, n), n)  # (windows done, windows in all)
+    loss = total / count
+    return {"checkpoint": str(ckpt), "data": data or "default corpus", "seq_len": seq_len, "windows": n,
+            "bytes": count, "shuffle_paragraphs": shuffle_paragraphs, "val_loss": loss, "val_bpb": loss / math.log(2)}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

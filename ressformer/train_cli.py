@@ -24,6 +24,7 @@ def _usage_errors(fn, *args, **kwargs):
 @click.option("--baseline", is_flag=True, help="dense softmax transformer of about the same size")
 @click.option("--steps", default=1000, show_default=True, type=int, help="total optimizer steps")
 @click.option("--stop-at", type=int, help="stop (and checkpoint) at this step; continue with --resume")
+@click.option("--max-minutes", type=float, help="also stop (evaluate, checkpoint) after this much wall time")
 @click.option("--batch-size", default=16, show_default=True, type=int,
               help="sequences per process and micro-step")
 @click.option("--grad-accum", default=1, show_default=True, type=int)
@@ -100,6 +101,38 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
                         n_pairs=pairs, vocab_size=vocab, steps=steps, batch_size=batch_size, lr=lr,
                         warmup=warmup, seed=seed, baseline=baseline, eval_examples=eval_examples,
                         device=device, log=click.echo)
+    click.echo(json.dumps(res))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True), help="text file or folder [default: the run's data]")
+@click.option("--seq-len", type=int, help="bytes per window [default: the run's]")
+@click.option("--windows", default=0, show_default=True, type=int,
+              help="evenly spaced windows; 0 = every non-overlapping window of the validation split")
+@click.option("--shuffle-paragraphs", is_flag=True, help="shuffle the validation paragraphs first (seeded)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=int, help="torch CPU threads")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="also write the result as JSON here")
+def evaluate(checkpoint, data, seq_len, windows, shuffle_paragraphs, seed, batch_size, device, threads, json_out):
+    """Validation bits per byte of a PyTorch CHECKPOINT (a checkpoint or run folder)."""
+    import torch
+
+    from .train import evaluate_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    def progress(done, total):
+        click.echo(f"\revaluating: {done}/{total} windows", nl=done == total, err=True)
+
+    res = _usage_errors(evaluate_checkpoint, checkpoint, data=data, seq_len=seq_len,
+                        shuffle_paragraphs=shuffle_paragraphs, seed=seed, windows=windows,
+                        batch_size=batch_size, device=device, progress=progress)
     click.echo(json.dumps(res))
     if json_out:
         with open(json_out, "w") as f:

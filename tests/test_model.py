@@ -52,7 +52,9 @@ def test_causality(model, j):
     y[:, j] = (y[:, j] + 7) % 256
     with torch.no_grad():
         a, b = model(x).logits, model(y).logits
-    assert torch.equal(a[:, :j], b[:, :j])
+    # not bitwise: the change reroutes later tokens, so each expert's matmul has another row count,
+    # and BLAS may then block (and round) the earlier rows differently
+    torch.testing.assert_close(a[:, :j], b[:, :j], atol=1e-6, rtol=0)
     assert (a[:, j:] - b[:, j:]).abs().max() > 1e-4  # the change does matter downstream
 
 
@@ -223,3 +225,35 @@ def test_attention_grad_finite_at_support_edge(normalizer):
     (out.sum() + (w ** 2).sum()).backward()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
+
+
+def test_dense_baseline_fast_path_equals_topk_attention():
+    """The dense softmax baseline runs PyTorch's scaled_dot_product_attention; it must be the same
+    function as TopKAttention over all keys (what its ONNX export runs)."""
+    from ressformer.train import baseline_config
+
+    torch.manual_seed(0)
+    m = ReSSFormer(baseline_config(ReSSFormerConfig.preset("tiny"), 64)).eval()
+    attns = [mod for mod in m.modules() if hasattr(mod, "dense_fast_path")]
+    assert attns and all(a.dense_fast_path for a in attns)
+    x = tokens(2, 64)
+    with torch.no_grad():
+        fast = m(x).logits
+        for a in attns:
+            a.dense_fast_path = False
+        slow = m(x).logits
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert not any(a.dense_fast_path for a in ReSSFormer(ReSSFormerConfig.preset("tiny")).modules()
+                   if hasattr(a, "dense_fast_path"))
+
+
+def test_custom_ops_keep_the_input_dtype_under_autocast():
+    from ressformer import ops
+
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    q = k = v = torch.randn(1, 2, 8, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.entmax15(x).dtype == ops.sparsemax(x).dtype == torch.bfloat16
+        out, _, w = ops.topk_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool).tril(), 3, "entmax15", 0.5)
+        assert out.dtype == w.dtype == torch.bfloat16
+        assert ops.topk_route(x.float(), 2)[0].dtype == torch.float32

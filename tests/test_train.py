@@ -73,6 +73,42 @@ def test_resume_continues_exactly(tmp_path, corpus_file):
     assert "optim.embed.weight.exp_avg_sq" in state and state["rng.torch"].dtype == torch.uint8
 
 
+def test_max_minutes_stops_cleanly_and_resumes(tmp_path, corpus_file):
+    run = tmp_path / "run"
+    res = train(TrainConfig(**FAST, data=corpus_file, steps=50, max_minutes=1e-6, out=str(run)), **QUIET)
+    assert res["step"] == 1  # the deadline passed during the first step: stop after it
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 1]  # evaluated at the stop
+    assert json.loads((run / "ckpt" / "config.json").read_text())["train"]["step"] == 1
+    res = train(TrainConfig(**FAST, data=corpus_file, steps=50, stop_at=3, resume=str(run), out=str(run)), **QUIET)
+    assert res["step"] == 3
+
+
+def test_evaluate_checkpoint_matches_training_validation(tmp_path, corpus_file):
+    from ressformer.train import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    train(TrainConfig(**{**FAST, "eval_batches": 3}, data=corpus_file, steps=6, out=str(run)), **QUIET)
+    val = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1]
+    same = evaluate_checkpoint(run, windows=3 * FAST["batch_size"])  # the training's windows
+    assert same["val_loss"] == pytest.approx(val, rel=1e-6) and same["data"] == corpus_file
+    whole = evaluate_checkpoint(run)  # every non-overlapping window of the validation split
+    shuffled = evaluate_checkpoint(run, shuffle_paragraphs=True)
+    assert whole["bytes"] == whole["windows"] * 64 and abs(shuffled["bytes"] - whole["bytes"]) <= 64
+    assert shuffled["val_loss"] != whole["val_loss"]
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--windows", "2", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["windows"] == 2
+
+
+def test_evaluate_refuses_windows_beyond_learned_positions(tmp_path, corpus_file):
+    run = tmp_path / "run"
+    train(TrainConfig(**FAST, data=corpus_file, steps=2, baseline=True, out=str(run)), **QUIET)
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--seq-len", "4096"])
+    assert result.exit_code == 2 and "learned positions" in result.output
+
+
 def test_resume_refuses_other_config(tmp_path, corpus_file):
     run = tmp_path / "run"
     train(TrainConfig(**FAST, data=corpus_file, steps=4, stop_at=2, out=str(run)), **QUIET)
