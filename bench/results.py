@@ -1,0 +1,121 @@
+"""Tables and plots for docs/results.md from the runs of bench/experiments.sh.
+
+    python bench/results.py runs/results --plots docs/img
+
+Reads each run folder's metrics.jsonl (language modelling, ablations), the mqar_*.json and the
+eval_*.json files, prints Markdown tables, and writes the validation curves as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ressformer.train import read_metrics
+
+LM_RUNS = [("lm_ressformer", "ReSSFormer small"), ("lm_baseline", "dense baseline")]
+ABLATIONS = [("lm_ressformer", "ReSSFormer small (reference)"), ("abl_noconv", "no local conv (paper-literal)"),
+             ("abl_rope", "RoPE instead of the conv"), ("abl_nomem", "no memory (mem_slots=0)"),
+             ("abl_softmax", "softmax instead of entmax-1.5"), ("abl_k1", "K=1 (one recurrent step)")]
+
+
+def summary(run: Path, at: int | None = None) -> dict | None:
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    recs = read_metrics(run / "metrics.jsonl")
+    vals = [r for r in recs if "val_loss" in r and (at is None or r["step"] <= at)]
+    steps = [r for r in recs if "loss" in r and (at is None or r["step"] <= at)]
+    if not vals or not steps:
+        return None
+    last = steps[-1]
+    return {"step": vals[-1]["step"], "val_bpb": vals[-1]["val_bpb"], "train_ce": last["ce"],
+            "struct": last["struct"], "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"]}
+
+
+def n_params(run: Path) -> str:
+    cfg = run / "ckpt" / "config.json"
+    return f"{json.loads(cfg.read_text())['n_params']:,}" if cfg.is_file() else "?"
+
+
+def lm_table(root: Path) -> str:
+    rows = ["| model | parameters | steps (tokens) | val bpb | train CE (nats) | tokens/s |", "|---|---|---|---|---|---|"]
+    for name, label in LM_RUNS:
+        s = summary(root / name)
+        if s:
+            rows.append(f"| {label} | {n_params(root / name)} | {s['step']} ({s['tokens']:,}) | {s['val_bpb']:.3f} | "
+                        f"{s['train_ce']:.3f} | {s['tokens_per_s']:,.0f} |")
+    return "\n".join(rows)
+
+
+def ablation_table(root: Path) -> str:
+    ref = summary(root / "lm_ressformer", at=100)
+    rows = ["| variant | val bpb @100 | Δ vs reference | train CE | L_struct | tokens/s |", "|---|---|---|---|---|---|"]
+    for name, label in ABLATIONS:
+        s = summary(root / name, at=100)
+        if s and ref:
+            rows.append(f"| {label} | {s['val_bpb']:.3f} | {s['val_bpb'] - ref['val_bpb']:+.3f} | {s['train_ce']:.3f} | "
+                        f"{s['struct']:.3f} | {s['tokens_per_s']:,.0f} |")
+    return "\n".join(rows)
+
+
+def mqar_table(root: Path) -> str:
+    rows = ["| seq len | pairs | ReSSFormer tiny | dense baseline |", "|---|---|---|---|"]
+    for f in sorted(root.glob("mqar_r_*.json"), key=lambda p: int(p.stem.split("_")[2])):
+        r = json.loads(f.read_text())
+        b = root / f.name.replace("mqar_r_", "mqar_b_")
+        bacc = f"{json.loads(b.read_text())['accuracy']:.3f}" if b.is_file() else "?"
+        rows.append(f"| {r['seq_len']} | {r['n_pairs']} | {r['accuracy']:.3f} | {bacc} |")
+    return "\n".join(rows)
+
+
+def structure_table(root: Path) -> str:
+    rows = ["| model | window | val bpb, paragraphs in order | shuffled | Δ |", "|---|---|---|---|---|"]
+    for f in sorted(root.glob("eval_*_ordered.json")):
+        a = json.loads(f.read_text())
+        b = json.loads(f.with_name(f.name.replace("_ordered", "_shuffled")).read_text())
+        rows.append(f"| {f.stem[5:-8]} | {a['seq_len']} | {a['val_bpb']:.3f} | {b['val_bpb']:.3f} | "
+                    f"{b['val_bpb'] - a['val_bpb']:+.3f} |")
+    return "\n".join(rows)
+
+
+def plot(root: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, runs in (("lm_val_bpb.png", LM_RUNS), ("ablations_val_bpb.png", ABLATIONS)):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, label in runs:
+            if (root / name / "metrics.jsonl").is_file():
+                v = [(r["step"], r["val_bpb"]) for r in read_metrics(root / name / "metrics.jsonl") if "val_bpb" in r]
+                ax.plot(*zip(*[p for p in v if p[0] > 0]), "o-", ms=3, label=label)
+        ax.set_xlabel("step (4,096 bytes each)")
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+        written.append(out / fname)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--plots", type=Path, help="folder for the PNG plots")
+    a = ap.parse_args()
+    for title, table in (("Language modelling", lm_table), ("Ablations (step 100)", ablation_table),
+                         ("MQAR accuracy", mqar_table), ("Structure", structure_table)):
+        print(f"### {title}\n\n{table(a.root)}\n")
+    if a.plots:
+        for p in plot(a.root, a.plots):
+            print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
