@@ -39,7 +39,8 @@ def n_params(run: Path) -> str:
 
 
 def lm_table(root: Path) -> str:
-    rows = ["| model | parameters | steps (tokens) | val bpb | train CE (nats) | tokens/s |", "|---|---|---|---|---|---|"]
+    rows = ["| model | parameters | steps (tokens) | val bpb | train CE (nats) | tokens/s |",
+            "|---|---|---|---|---|---|"]
     for name, label in LM_RUNS:
         s = summary(root / name)
         if s:
@@ -54,8 +55,8 @@ def ablation_table(root: Path) -> str:
     for name, label in ABLATIONS:
         s = summary(root / name, at=100)
         if s and ref:
-            rows.append(f"| {label} | {s['val_bpb']:.3f} | {s['val_bpb'] - ref['val_bpb']:+.3f} | {s['train_ce']:.3f} | "
-                        f"{s['struct']:.3f} | {s['tokens_per_s']:,.0f} |")
+            rows.append(f"| {label} | {s['val_bpb']:.3f} | {s['val_bpb'] - ref['val_bpb']:+.3f} | "
+                        f"{s['train_ce']:.3f} | {s['struct']:.3f} | {s['tokens_per_s']:,.0f} |")
     return "\n".join(rows)
 
 

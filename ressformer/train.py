@@ -402,7 +402,8 @@ def train(tc: TrainConfig, log=print) -> dict:
         if done % tc.log_every == 0 or done == end:
             say(f"step {done:>6}/{tc.steps} | loss {terms['loss']:.4f} (ce {terms['ce']:.4f} "
                 f"bal {terms['balance']:.3f} z {terms['z']:.2f} struct {terms['struct']:.4f}) | "
-                f"lr {lr:.2e} | {rec['tokens_per_s']:,.0f} tok/s"
+                f"lr {lr:.2e} | {rec['tokens_per_s']:,.0f} tok/s | "
+                f"eta {_eta((end - done) * train_time / (done - start))}"
                 + (f" | {rec['cuda_peak_gb']:.2f} GiB" if "cuda_peak_gb" in rec else ""))
         if tc.eval_every and done % tc.eval_every == 0 or done == end:
             last_val = run_eval(done)
@@ -459,6 +460,11 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, seq_len: int 
     loss = total / count
     return {"checkpoint": str(ckpt), "data": data or "default corpus", "seq_len": seq_len, "windows": n,
             "bytes": count, "shuffle_paragraphs": shuffle_paragraphs, "val_loss": loss, "val_bpb": loss / math.log(2)}
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def read_metrics(path: str | Path) -> list[dict]:

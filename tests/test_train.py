@@ -109,6 +109,32 @@ def test_evaluate_refuses_windows_beyond_learned_positions(tmp_path, corpus_file
     assert result.exit_code == 2 and "learned positions" in result.output
 
 
+def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tmp_path, corpus_file):
+    """DDP on CPU (gloo): 2 processes x batch 4 see the same windows as 1 process x batch 8, and the
+    all-reduced gradient is the same mean, so the runs agree (balance loss off: it is not additive)."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", corpus_file, "--steps", "3", "--warmup", "1", "--eval-every", "0",
+            "--set", "lambda_bal=0", "--threads", "1"]  # + the same 16 validation windows in both
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "ressformer.cli", *args, "--batch-size", "4", "--eval-batches", "4",
+                          "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    one = CliRunner().invoke(main, [*args, "--batch-size", "8", "--eval-batches", "2", "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    val = [[r["val_loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val_loss" in r]
+           for run in ("one", "two")]
+    assert len(val[0]) == len(val[1]) == 2
+    np.testing.assert_allclose(val[1], val[0], rtol=1e-4)
+    ck = json.loads((tmp_path / "two" / "ckpt" / "config.json").read_text())
+    assert ck["train"]["world_size"] == 2 and ck["train"]["step"] == 3
+
+
 def test_resume_refuses_other_config(tmp_path, corpus_file):
     run = tmp_path / "run"
     train(TrainConfig(**FAST, data=corpus_file, steps=4, stop_at=2, out=str(run)), **QUIET)
