@@ -11,17 +11,37 @@ LM="--preset small --steps 200 --batch-size 8 --warmup 20 --eval-every 50 --eval
 # 1. language modelling: ReSSFormer small vs the dense baseline of the same parameter count
 ressformer train $LM --out "$R/lm_ressformer"
 ressformer train $LM --baseline --out "$R/lm_baseline"
+ressformer train $LM --baseline --steps 700 --eval-every 100 --max-minutes 25 --out "$R/lm_baseline_700"  # ~same wall time
 # 4. ablations: the same run stopped at step 100 (same schedule), compared with the reference's step-100 eval
 ressformer train $LM --stop-at 100 --set conv_kernel=0 --out "$R/abl_noconv"
 ressformer train $LM --stop-at 100 --set conv_kernel=0 --set pos_encoding=rope --out "$R/abl_rope"
 ressformer train $LM --stop-at 100 --set mem_slots=0 --out "$R/abl_nomem"
 ressformer train $LM --stop-at 100 --set normalizer=softmax --out "$R/abl_softmax"
 ressformer train $LM --stop-at 100 --set n_steps=1 --out "$R/abl_k1"
+ressformer train $LM --stop-at 100 --seed 1 --out "$R/seed1_ressformer"  # seed-to-seed noise of the reference
+# ... and on the tiny preset, 600 steps, two seeds each (the step-100 small comparisons are within seed noise)
+T="--preset tiny --steps 600 --batch-size 16 --warmup 30 --eval-every 100 --eval-batches 16 --ckpt-every 0
+   --log-every 50 --threads 1"
+for seed in 0 1; do
+  ressformer train $T --seed $seed --out "$R/tiny_ref_s$seed"
+  ressformer train $T --seed $seed --set conv_kernel=0 --out "$R/tiny_noconv_s$seed"
+  ressformer train $T --seed $seed --set conv_kernel=0 --set pos_encoding=rope --out "$R/tiny_rope_s$seed"
+  ressformer train $T --seed $seed --set mem_slots=0 --out "$R/tiny_nomem_s$seed"
+  ressformer train $T --seed $seed --set normalizer=softmax --out "$R/tiny_softmax_s$seed"
+  ressformer train $T --seed $seed --set n_steps=1 --out "$R/tiny_k1_s$seed"
+done
 # 2. MQAR (tiny preset, 500 steps of 32 sequences; accuracy on 512 held-out sequences)
 for sp in 64:4 128:8 256:16; do
   s=${sp%:*} p=${sp#*:}
   ressformer mqar --seq-len "$s" --pairs "$p" --threads 1 --json-out "$R/mqar_r_${s}_${p}.json"
   ressformer mqar --seq-len "$s" --pairs "$p" --threads 1 --baseline --json-out "$R/mqar_b_${s}_${p}.json"
+done
+# longer MQAR runs (3,000 steps) where 500 were too few to learn recall
+for sp in 64:4 128:8; do
+  s=${sp%:*} p=${sp#*:}
+  ressformer mqar --seq-len "$s" --pairs "$p" --steps 3000 --threads 1 --json-out "$R/mqarlong_r_${s}_${p}.json"
+  ressformer mqar --seq-len "$s" --pairs "$p" --steps 3000 --threads 1 --baseline \
+    --json-out "$R/mqarlong_b_${s}_${p}.json"
 done
 # 3. structure: the trained models on the validation text, paragraphs in order vs shuffled
 for m in ressformer baseline; do

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from ressformer.train import read_metrics
 
-LM_RUNS = [("lm_ressformer", "ReSSFormer small"), ("lm_baseline", "dense baseline")]
-ABLATIONS = [("lm_ressformer", "ReSSFormer small (reference)"), ("abl_noconv", "no local conv (paper-literal)"),
+LM_RUNS = [("lm_ressformer", "ReSSFormer small"), ("lm_baseline", "dense baseline"),
+           ("lm_baseline_700", "dense baseline, about the same wall time")]
+ABLATIONS = [("lm_ressformer", "ReSSFormer small (reference)"), ("seed1_ressformer", "the reference, seed 1"),
+             ("abl_noconv", "no local conv (paper-literal)"),
              ("abl_rope", "RoPE instead of the conv"), ("abl_nomem", "no memory (mem_slots=0)"),
              ("abl_softmax", "softmax instead of entmax-1.5"), ("abl_k1", "K=1 (one recurrent step)")]
 
@@ -24,7 +26,7 @@ def summary(run: Path, at: int | None = None) -> dict | None:
     if not (run / "metrics.jsonl").is_file():
         return None
     recs = read_metrics(run / "metrics.jsonl")
-    vals = [r for r in recs if "val_loss" in r and (at is None or r["step"] <= at)]
+    vals = [r for r in recs if "val_loss" in r and (at is None or r["step"] == at)]
     steps = [r for r in recs if "loss" in r and (at is None or r["step"] <= at)]
     if not vals or not steps:
         return None
@@ -60,13 +62,39 @@ def ablation_table(root: Path) -> str:
     return "\n".join(rows)
 
 
+TINY_ABLATIONS = [("ref", "ReSSFormer tiny (reference)"), ("noconv", "no local conv (paper-literal)"),
+                  ("rope", "RoPE instead of the conv"), ("nomem", "no memory (mem_slots=0)"),
+                  ("softmax", "softmax instead of entmax-1.5"), ("k1", "K=1 (one recurrent step)")]
+
+
+def tiny_ablation_table(root: Path, seeds=(0, 1)) -> str:
+    """val bpb at the end of each tiny run, per seed, their mean and its difference to the reference's."""
+    def final(name):
+        s = summary(root / name)
+        return s["val_bpb"] if s else None
+
+    ref = [final(f"tiny_ref_s{k}") for k in seeds]
+    rows = ["| variant | " + " | ".join(f"seed {k}" for k in seeds) + " | mean | Δ mean | tokens/s |",
+            "|---|" + "---|" * (len(seeds) + 3)]
+    for key, label in TINY_ABLATIONS:
+        v = [final(f"tiny_{key}_s{k}") for k in seeds]
+        if None in v or None in ref:
+            continue
+        tps = summary(root / f"tiny_{key}_s{seeds[0]}")["tokens_per_s"]
+        mean, rmean = sum(v) / len(v), sum(ref) / len(ref)
+        rows.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {mean:.3f} | {mean - rmean:+.3f} | "
+                    f"{tps:,.0f} |")
+    return "\n".join(rows)
+
+
 def mqar_table(root: Path) -> str:
-    rows = ["| seq len | pairs | ReSSFormer tiny | dense baseline |", "|---|---|---|---|"]
-    for f in sorted(root.glob("mqar_r_*.json"), key=lambda p: int(p.stem.split("_")[2])):
-        r = json.loads(f.read_text())
-        b = root / f.name.replace("mqar_r_", "mqar_b_")
-        bacc = f"{json.loads(b.read_text())['accuracy']:.3f}" if b.is_file() else "?"
-        rows.append(f"| {r['seq_len']} | {r['n_pairs']} | {r['accuracy']:.3f} | {bacc} |")
+    rows = ["| seq len | pairs | steps | ReSSFormer tiny | dense baseline |", "|---|---|---|---|---|"]
+    for prefix in ("mqar", "mqarlong"):
+        for f in sorted(root.glob(f"{prefix}_r_*.json"), key=lambda p: int(p.stem.split("_")[2])):
+            r = json.loads(f.read_text())
+            b = root / f.name.replace("_r_", "_b_")
+            bacc = f"{json.loads(b.read_text())['accuracy']:.3f}" if b.is_file() else "?"
+            rows.append(f"| {r['seq_len']} | {r['n_pairs']} | {r['steps']} | {r['accuracy']:.3f} | {bacc} |")
     return "\n".join(rows)
 
 
@@ -111,6 +139,7 @@ def main() -> None:
     ap.add_argument("--plots", type=Path, help="folder for the PNG plots")
     a = ap.parse_args()
     for title, table in (("Language modelling", lm_table), ("Ablations (step 100)", ablation_table),
+                         ("Ablations, tiny, two seeds (step 600)", tiny_ablation_table),
                          ("MQAR accuracy", mqar_table), ("Structure", structure_table)):
         print(f"### {title}\n\n{table(a.root)}\n")
     if a.plots:
