@@ -21,10 +21,7 @@ timeout 120 $PY -m pytest -m ort_gpu -q -p no:cacheprovider tests/test_gpu.py 2>
   | tee -a "$OUT/gpu_tests.log"
 
 # base: d 768, K=4, 1024-byte segments; 8 sequences of 2 segments per step (16,384 tokens)
-BASE="--preset base --steps 3000 --max-minutes $MINUTES --batch-size 8 --lr 1e-3 --warmup 100 --eval-every 100
-  --eval-batches 4 --ckpt-every 0 --log-every 10 --device cuda"
-set -o pipefail
-# shellcheck disable=SC2086
-$PY -m ressformer.cli train $BASE --out "$OUT/base" 2>&1 | tee "$OUT/base.log" \
-  || $PY -m ressformer.cli train $BASE --dtype fp32 --out "$OUT/base" 2>&1 | tee -a "$OUT/base.log"
+$PY -m ressformer.cli train --preset base --steps 3000 --max-minutes "$MINUTES" --batch-size 8 --lr 1e-3 \
+  --warmup 100 --eval-every 100 --eval-batches 4 --ckpt-every 0 --log-every 10 --device cuda \
+  --out "$OUT/base" 2>&1 | tee "$OUT/base.log"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$OUT/env.txt"

@@ -48,6 +48,20 @@ def parse_overrides(items) -> dict:
     return out
 
 
+def write_json(path, obj) -> None:
+    """Write obj as JSON atomically (a temporary file in the same folder, then a rename)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
 def _register_optional():
     """Commands that live in their own modules (each imports its heavy deps lazily)."""
     from importlib import import_module

@@ -97,6 +97,12 @@ def shuffle_paragraphs(text: str, seed: int = 0) -> str:
     return "\n\n".join(paras[i] for i in order)
 
 
+def shuffle_paragraph_bytes(data: np.ndarray, seed: int = 0) -> np.ndarray:
+    """shuffle_paragraphs on a split's UTF-8 bytes (uint8 array), back to bytes."""
+    text = shuffle_paragraphs(data.tobytes().decode("utf-8", "replace"), seed)
+    return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
 # ---- split and batches -------------------------------------------------------------------------
 def split(text: str, seq_len: int, val_fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """UTF-8 bytes as uint8 arrays: the first (1 - val_fraction) for training, the rest for

@@ -195,12 +195,6 @@ def _ints(s):
 
 
 def _write_json(path, obj):
-    import os
-    import tempfile
+    from .cli import write_json  # lazily: cli imports this module while it loads
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
+    write_json(path, obj)

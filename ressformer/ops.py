@@ -89,7 +89,7 @@ def _no_autocast(x: torch.Tensor):
 @torch.library.custom_op("ressformer::entmax15", mutates_args=())
 def _entmax15_op(x: torch.Tensor) -> torch.Tensor:
     with _no_autocast(x):
-        return entmax15_kernel(x).to(x.dtype).contiguous()  # contiguous, as the fake says (torch.compile)
+        return entmax15_kernel(x).contiguous()  # contiguous, as the fake says (torch.compile)
 
 
 @_entmax15_op.register_fake
@@ -115,7 +115,7 @@ _entmax15_op.register_autograd(_entmax15_backward, setup_context=_entmax15_setup
 @torch.library.custom_op("ressformer::sparsemax", mutates_args=())
 def _sparsemax_op(x: torch.Tensor) -> torch.Tensor:
     with _no_autocast(x):
-        return sparsemax_kernel(x).to(x.dtype).contiguous()
+        return sparsemax_kernel(x).contiguous()
 
 
 @_sparsemax_op.register_fake
@@ -205,7 +205,7 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad(), _no_autocast(q):
         out, idx, w = topk_attention_kernel(q, k, v, mask, top_k, normalizer, scale, chunk)
-    return out.to(q.dtype).contiguous(), idx.contiguous(), w.to(q.dtype).contiguous()
+    return out.contiguous(), idx.contiguous(), w.contiguous()
 
 
 @_topk_attention_op.register_fake
@@ -251,7 +251,7 @@ def topk_route_kernel(logits: torch.Tensor, k: int):
 def _topk_route_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     with _no_autocast(logits):
         gates, idx = topk_route_kernel(logits, k)
-    return gates.to(logits.dtype).contiguous(), idx.contiguous()
+    return gates.contiguous(), idx.contiguous()
 
 
 @_topk_route_op.register_fake

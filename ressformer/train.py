@@ -190,9 +190,7 @@ def load_data(tc: TrainConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     text = D.default_corpus() if tc.data is None else D.load_text(tc.data)
     train, val = D.split(text, seq_len, tc.val_fraction)
     if tc.shuffle_paragraphs:  # each split separately: the same bytes, only their order changes
-        train, val = (np.frombuffer(D.shuffle_paragraphs(s.tobytes().decode("utf-8", "replace"),
-                                                         tc.seed).encode("utf-8"), np.uint8)
-                      for s in (train, val))
+        train, val = (D.shuffle_paragraph_bytes(s, tc.seed) for s in (train, val))
         if min(train.size, val.size) < seq_len + 1:
             raise D.DataError("after shuffling paragraphs a split is smaller than one sequence")
     return train, val
@@ -248,8 +246,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, forward, windows, device, rank: int, world: int, batch_size: int) -> float:
-    """Mean cross-entropy (nats per byte) over the fixed validation windows (sharded over ranks)."""
+def evaluate(model, forward, windows, device, rank: int, world: int, batch_size: int, progress=None) -> float:
+    """Mean cross-entropy (nats per byte) over the fixed validation windows (sharded over ranks).
+    progress(windows done, windows in all), if given, is called after each batch."""
     x_all, y_all = windows
     was_training = model.training
     model.eval()
@@ -260,6 +259,8 @@ def evaluate(model, forward, windows, device, rank: int, world: int, batch_size:
         logits = forward(x).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         count += y.numel()
+        if progress:
+            progress(min(i + batch_size, len(x_all)), len(x_all))
     stats = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(stats)
@@ -362,8 +363,6 @@ def train(tc: TrainConfig, log=print) -> dict:
     params = list(model.parameters())
     train_time, last = 0.0, None  # tokens/s counts the training steps only, not eval/checkpoints
     for step in range(start, end):
-        if step >= end:  # the time limit moved the end
-            break
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -409,6 +408,8 @@ def train(tc: TrainConfig, log=print) -> dict:
             last_val = run_eval(done)
         if tc.ckpt_every and done % tc.ckpt_every == 0 or done == end:
             save(done)
+        if done == end:  # also when --max-minutes moved the end
+            break
 
     if master:
         plot_metrics(metrics, out / PLOT_FILE)
@@ -435,31 +436,20 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, seq_len: int 
     text = D.default_corpus() if data is None else D.load_text(data)
     _, val = D.split(text, seq_len, val_fraction)
     if shuffle_paragraphs:
-        val = np.frombuffer(D.shuffle_paragraphs(val.tobytes().decode("utf-8", "replace"), seed).encode("utf-8"),
-                            np.uint8)
+        val = D.shuffle_paragraph_bytes(val, seed)
     n = windows or (val.size - 1) // seq_len
     if n < 1 or val.size < seq_len + 1:
         raise D.DataError(f"the validation split ({val.size:,} bytes) is smaller than one window of {seq_len}")
     if windows:
         x_all, y_all = D.eval_windows(val, seq_len, n)
     else:  # every non-overlapping window
-        chunk = val[: n * seq_len + 1]
-        x_all = np.stack([chunk[i * seq_len:(i + 1) * seq_len] for i in range(n)]).astype(np.int64)
-        y_all = np.stack([chunk[i * seq_len + 1:(i + 1) * seq_len + 1] for i in range(n)]).astype(np.int64)
+        v = val.astype(np.int64)
+        x_all, y_all = v[:n * seq_len].reshape(n, seq_len), v[1:n * seq_len + 1].reshape(n, seq_len)
     dev = resolve_device(device)
-    model.to(dev)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            x, y = (torch.from_numpy(a[i:i + batch_size]).to(dev) for a in (x_all, y_all))
-            logits = model(x).logits
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-            count += y.numel()
-            if progress:
-                progress(min(i + batch_size, n), n)  # (windows done, windows in all)
-    loss = total / count
+    loss = evaluate(model.to(dev), model, (x_all, y_all), dev, 0, 1, batch_size, progress)
     return {"checkpoint": str(ckpt), "data": data or "default corpus", "seq_len": seq_len, "windows": n,
-            "bytes": count, "shuffle_paragraphs": shuffle_paragraphs, "val_loss": loss, "val_bpb": loss / math.log(2)}
+            "bytes": y_all.size, "shuffle_paragraphs": shuffle_paragraphs, "val_loss": loss,
+            "val_bpb": loss / math.log(2)}
 
 
 def _eta(seconds: float) -> str:

@@ -92,7 +92,7 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
     """Train on multi-query associative recall and report the query accuracy."""
     import torch
 
-    from .cli import parse_overrides
+    from .cli import parse_overrides, write_json
     from .mqar import train_mqar
 
     if threads:
@@ -103,8 +103,7 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
                         device=device, log=click.echo)
     click.echo(json.dumps(res))
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(json_out, res)
 
 
 @click.command()
@@ -123,10 +122,12 @@ def evaluate(checkpoint, data, seq_len, windows, shuffle_paragraphs, seed, batch
     """Validation bits per byte of a PyTorch CHECKPOINT (a checkpoint or run folder)."""
     import torch
 
+    from .cli import write_json
     from .train import evaluate_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
+
     def progress(done, total):
         click.echo(f"\revaluating: {done}/{total} windows", nl=done == total, err=True)
 
@@ -135,5 +136,4 @@ def evaluate(checkpoint, data, seq_len, windows, shuffle_paragraphs, seed, batch
                         batch_size=batch_size, device=device, progress=progress)
     click.echo(json.dumps(res))
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(json_out, res)
