@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx.reference import ReferenceEvaluator
+from ressformer.export import reference
+from ressformer.export.ops import make_op_model
 
-from export import reference
-from export.ops import make_op_model
 from ressformer import ops as tops
 
 ONNX_TYPE = {np.float16: onnx.TensorProto.FLOAT16, np.float32: onnx.TensorProto.FLOAT,

@@ -7,7 +7,7 @@ last 5% of the default Shakespeare corpus, via `session.score_stream`) and top-1
 next-token predictions with the fp32 export on the same text. Then the fp32 export is converted
 with `python -m onnxruntime.tools.convert_onnx_models_to_ort` and run through the runtime.
 
-    python -m bench.edge [CHECKPOINT | --preset NAME] [--smoke] [--threads N] [--json F] [--keep DIR]
+    python -m ressformer.bench.edge [CHECKPOINT | --preset NAME] [--smoke] [--threads N] [--json F] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def ort_format_check(export_dir, out_dir, data: bytes | None = None, threads: in
     """Convert every graph of `export_dir` to ORT format (.ort) with onnxruntime's converter,
     write a runtime folder whose sidecar names the .ort files, load it with ReSSFormerSession and
     compare its logits (step graphs and model.onnx paths) with the .onnx export."""
-    from runtime import ReSSFormerSession
+    from ressformer.runtime import ReSSFormerSession
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     conv = out_dir / "converted"
@@ -150,10 +150,10 @@ def run_edge(checkpoint=None, preset=None, smoke: bool = False, threads: int | N
     """Export the checkpoint (or a random-init preset, seed 0) in each mode and compare them.
     `keep`: a folder to keep the exports in (default: a temporary folder)."""
     import torch
+    from ressformer.export.exporter import export_checkpoint
+    from ressformer.runtime import ReSSFormerSession
 
-    from export.exporter import export_checkpoint
     from ressformer import ReSSFormer, ReSSFormerConfig, load_checkpoint, save_checkpoint
-    from runtime import ReSSFormerSession
 
     progress = progress or (lambda s: None)
     sizes = dict(SMOKE if smoke else FULL)
@@ -271,7 +271,7 @@ def format_table(report) -> str:
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ressformer.bench.edge", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--preset")
     p.add_argument("--smoke", action="store_true")

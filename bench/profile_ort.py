@@ -2,7 +2,7 @@
 (SessionOptions.enable_profiling), plus a sweep of session settings (graph optimization level,
 a saved pre-optimized model, threads, spinning).
 
-    python -m bench.profile_ort EXPORT_DIR [--length 2048] [--decode 64] [--threads 2] [--sweep]
+    python -m ressformer.bench.profile_ort EXPORT_DIR [--length 2048] [--decode 64] [--threads 2] [--sweep]
 
 Prints the kernel time per op type (functions are inlined by ORT, so the `ressformer` ops show up
 as their ONNX primitives: TopK, ScatterElements, CumSum, ...) and per graph; with --sweep, the
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from runtime import ReSSFormerSession
-from runtime.session import OPT_LEVELS, _Graph
+from ressformer.runtime import ReSSFormerSession
+from ressformer.runtime.session import OPT_LEVELS, _Graph
 
 
 def _options(threads=None, optimization="all", profile_prefix=None, spinning=None, optimized_path=None):
@@ -156,7 +155,7 @@ def sweep(export_dir, length=2048, decode=64, threads=2, repeats=3) -> list[dict
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.profile_ort", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ressformer.bench.profile_ort", description=__doc__.split("\n\n")[0])
     p.add_argument("export_dir")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--decode", type=int, default=64)

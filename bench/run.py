@@ -15,7 +15,7 @@ Measured in one run, the engines alternating, medians of repeated runs:
 
 Entry points: `run_bench(...) -> dict` (key "table": the printable summary), `plot(report, path)`;
 `ressformer bench CHECKPOINT|--preset NAME [--smoke] [--threads N] [--json F] [--plot F]`, or
-`python -m bench.run ...` with the same options.
+`python -m ressformer.bench.run ...` with the same options.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def _prepare(checkpoint, preset, export_dir, work: Path, progress):
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint).eval()
     if export_dir is None:
-        from export.exporter import export_checkpoint
+        from ressformer.export.exporter import export_checkpoint
 
         t0 = time.perf_counter()
         export_dir = export_checkpoint(checkpoint, work / "export", validate=False, progress=lambda s: None)
@@ -195,8 +195,7 @@ def run_bench(checkpoint=None, preset=None, smoke: bool = False, threads: int | 
     existing fp32 export of the checkpoint (skips exporting). Returns the report dict."""
     import onnxruntime as ort
     import torch
-
-    from runtime import ReSSFormerSession
+    from ressformer.runtime import ReSSFormerSession
 
     progress = progress or (lambda s: None)
     t_all = time.perf_counter()
@@ -475,7 +474,7 @@ def plot(report, path) -> Path:
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ressformer.bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--preset")
     p.add_argument("--export-dir", help="an existing fp32 export of CHECKPOINT (skips exporting)")

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> dict:
 
     rng = np.random.default_rng(seed)
     if engine == "ort":
-        from runtime import ReSSFormerSession
+        from ressformer.runtime import ReSSFormerSession
 
         sess = ReSSFormerSession(path, threads=threads or None)
         vocab = sess.vocab_size

@@ -40,9 +40,13 @@ class ExportError(RuntimeError):
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 18,
-                      dtype: str = "fp32", steps: int | None = None, validate: bool = True,
+                      dtype: str = "fp32", steps: int | None = None, validate=None,
                       quantize: str | None = None, progress=print, overwrite: bool = False) -> Path:
-    """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError."""
+    """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
+
+    validate: None (no validation) or a callable `validate(model, folder, progress=...) -> report`
+    run on the finished folder before it is moved into place (the CLI passes the parity ladder's
+    `ressformer.parity.ladder.validate_export`; the exporter itself never imports the parity code)."""
     out = Path(out)
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"unsupported opset {opset}; supported: {', '.join(map(str, SUPPORTED_OPSETS))}")
@@ -102,9 +106,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         if validate:
             progress("validating ONNX Runtime against PyTorch ...")
-            from parity_tests.ladder import validate_export
-
-            report = validate_export(model, tmp, progress=progress)
+            report = validate(model, tmp, progress=progress)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             if not report["passed"]:
                 raise ExportError("export validation failed:\n" + report["summary"])

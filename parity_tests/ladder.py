@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from ressformer.export.ops import DOMAIN, OPSET_VERSION
+from ressformer.runtime import ReSSFormerSession
 
-from export.ops import DOMAIN, OPSET_VERSION
 from ressformer import ops as tops
-from runtime import ReSSFormerSession
 
 # (a, r) per export mode and rung: an output passes iff, elementwise,
 #   |ort - torch| <= a * max|torch| + r * |torch|

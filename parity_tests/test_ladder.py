@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from ressformer.parity.ladder import Ladder, compare, run_ladder, validate_export
 
-from parity_tests.ladder import Ladder, compare, run_ladder
 from ressformer import load_checkpoint
 
 FAST = dict(lengths=[1, 7, 9, 40, 69], batches=(1, 3), generate_tokens=128)
@@ -68,7 +68,7 @@ def perturb_weight(m):
 
 
 def softmax_body(m):
-    from export.ops import topk_attention_proto
+    from ressformer.export.ops import topk_attention_proto
 
     for i, f in enumerate(m.functions):
         if f.name == "TopKAttention":
@@ -146,12 +146,13 @@ def test_decode_rung_catches_bad_kv_cache(model, tiny_export, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("normalizer", ["sparsemax", "softmax"])
 def test_ladder_other_normalizers(normalizer, tmp_path):
-    from export.exporter import export_checkpoint
+    from ressformer.export.exporter import export_checkpoint
+
     from ressformer import save_checkpoint
     from tests.conftest import perturbed_model
 
     save_checkpoint(perturbed_model(normalizer=normalizer), tmp_path / "ck")
-    export_checkpoint(tmp_path / "ck", tmp_path / "ex", progress=lambda s: None)
+    export_checkpoint(tmp_path / "ck", tmp_path / "ex", validate=validate_export, progress=lambda s: None)
     rep = run_ladder(load_checkpoint(tmp_path / "ck"), tmp_path / "ex", **FAST)
     assert rep["passed"], rep["summary"]
 

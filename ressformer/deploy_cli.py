@@ -23,12 +23,13 @@ import click
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output folder")
 def export(checkpoint, out, opset, dtype, quantize, steps, no_validate, overwrite):
     """Export CHECKPOINT to ONNX (graphs + ressformer.json), validated against PyTorch."""
-    from export.exporter import export_checkpoint
     from ressformer.checkpoint import CheckpointError
+    from ressformer.export.exporter import export_checkpoint
+    from ressformer.parity.ladder import validate_export
 
     try:
         export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize, steps=steps,
-                          validate=not no_validate, overwrite=overwrite, progress=click.echo)
+                          validate=None if no_validate else validate_export, overwrite=overwrite, progress=click.echo)
     except (CheckpointError, ValueError, FileExistsError) as e:
         raise click.ClickException(str(e)) from e
     except RuntimeError as e:
@@ -45,8 +46,8 @@ def export(checkpoint, out, opset, dtype, quantize, steps, no_validate, overwrit
 @click.option("--generate-tokens", default=128, show_default=True, type=int)
 def parity(checkpoint, export_dir, json_out, lengths, batches, provider, generate_tokens):
     """Run the parity ladder (ONNX Runtime vs PyTorch); exits non-zero on any failure."""
-    from parity_tests.ladder import run_ladder
     from ressformer import load_checkpoint
+    from ressformer.parity.ladder import run_ladder
 
     model = load_checkpoint(checkpoint)
     rep = run_ladder(model, export_dir, lengths=_ints(lengths), batches=tuple(_ints(batches)),
@@ -129,7 +130,7 @@ def score(export_dir, files, steps, provider, threads, as_json):
 @click.option("--threads", default=None, type=int)
 def bench(checkpoint, preset, json_out, plot_out, smoke, threads):
     """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/)."""
-    from bench.run import run_bench
+    from ressformer.bench.run import run_bench
 
     if not checkpoint and not preset:
         raise click.UsageError("give a CHECKPOINT or --preset NAME")
@@ -138,7 +139,7 @@ def bench(checkpoint, preset, json_out, plot_out, smoke, threads):
     if json_out:
         _write_json(json_out, rep)
     if plot_out:
-        from bench.run import plot
+        from ressformer.bench.run import plot
 
         plot(rep, plot_out)
 
@@ -150,9 +151,9 @@ def bench(checkpoint, preset, json_out, plot_out, smoke, threads):
 def demo(out, steps, preset):
     """The main job end to end: train a small model on the default corpus, export it, check
     parity, and generate text."""
-    from export.exporter import export_checkpoint
-    from parity_tests.ladder import run_ladder
     from ressformer import load_checkpoint
+    from ressformer.export.exporter import export_checkpoint
+    from ressformer.parity.ladder import run_ladder, validate_export
     from ressformer.train import TrainConfig
     from ressformer.train import train as run_train
 
@@ -163,7 +164,7 @@ def demo(out, steps, preset):
                           ckpt_every=0, warmup=min(100, steps // 5), log_every=max(steps // 10, 1)),
               log=click.echo)
     click.echo(f"== 2/4 export {src} -> {ex}")
-    export_checkpoint(src, ex, overwrite=True, progress=click.echo)
+    export_checkpoint(src, ex, overwrite=True, validate=validate_export, progress=click.echo)
     click.echo("== 3/4 parity ladder")
     rep = run_ladder(load_checkpoint(src), ex, batches=(1, 3), generate_tokens=128, progress=click.echo)
     click.echo(rep["summary"])
@@ -171,7 +172,7 @@ def demo(out, steps, preset):
     if not rep["passed"]:
         raise click.ClickException("parity FAILED")
     click.echo("== 4/4 generate (ONNX Runtime)")
-    from runtime import ReSSFormerSession
+    from ressformer.runtime import ReSSFormerSession
 
     sess = ReSSFormerSession(ex)
     prompt = "ROMEO:\n"
@@ -182,7 +183,7 @@ def demo(out, steps, preset):
 
 
 def _session(export_dir, **kw):
-    from runtime import ModelError, ReSSFormerSession
+    from ressformer.runtime import ModelError, ReSSFormerSession
 
     try:
         return ReSSFormerSession(export_dir, **kw)

@@ -39,8 +39,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory):
-    from export.exporter import export_checkpoint
+    from ressformer.export.exporter import export_checkpoint
+    from ressformer.parity.ladder import validate_export
 
     out = tmp_path_factory.mktemp("ex") / "tiny"
-    export_checkpoint(tiny_checkpoint, out, validate=True, progress=lambda s: None)
+    export_checkpoint(tiny_checkpoint, out, validate=validate_export, progress=lambda s: None)
     return out

@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
+from ressformer.bench import edge
+from ressformer.bench.run import model_flops, plot, run_bench
+from ressformer.export.exporter import export_checkpoint
+from ressformer.runtime import ReSSFormerSession
 
-from bench import edge
-from bench.run import model_flops, plot, run_bench
-from export.exporter import export_checkpoint
 from ressformer import ReSSFormerConfig
-from runtime import ReSSFormerSession
 
 # Top-1 next-token agreement with the fp32 export on held-out text (tiny test model), measured
 # 0.997 (fp16) and 0.973 (int8) on 1024 bytes; the floors leave room for other seeds and machines.

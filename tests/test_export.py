@@ -8,8 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from ressformer.export.exporter import ExportError, export_checkpoint
+from ressformer.parity.ladder import validate_export
 
-from export.exporter import ExportError, export_checkpoint
 from ressformer.cli import main
 
 
@@ -86,7 +87,7 @@ def test_bad_inputs(tiny_checkpoint, tmp_path):
 
 def test_broken_export_fails_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     """A graph that computes the wrong thing fails validation: error, no folder, no temp files."""
-    import export.exporter as ex
+    import ressformer.export.exporter as ex
 
     real = ex._export_graph
 
@@ -102,7 +103,7 @@ def test_broken_export_fails_and_leaves_nothing(tiny_checkpoint, tmp_path, monke
     monkeypatch.setattr(ex, "_export_graph", broken)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="validation failed"):
-        export_checkpoint(tiny_checkpoint, out, progress=lambda s: None)
+        export_checkpoint(tiny_checkpoint, out, validate=validate_export, progress=lambda s: None)
     assert not out.exists() and not _leftovers(tmp_path)
 
 
@@ -116,10 +117,11 @@ def test_cli_errors_exit_nonzero(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("opset", [18, 23])
 def test_opsets(tiny_checkpoint, tmp_path, opset):
-    out = export_checkpoint(tiny_checkpoint, tmp_path / f"o{opset}", opset=opset, progress=lambda s: None)
+    out = export_checkpoint(tiny_checkpoint, tmp_path / f"o{opset}", opset=opset, validate=validate_export,
+                            progress=lambda s: None)
     m = onnx.load(str(out / "step.onnx"))
     assert ("", opset) in {(o.domain, o.version) for o in m.opset_import}
-    from runtime import ReSSFormerSession
+    from ressformer.runtime import ReSSFormerSession
 
     logits, _ = ReSSFormerSession(out).forward(np.array([[1, 2, 3]]))
     assert np.isfinite(logits).all()

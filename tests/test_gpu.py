@@ -126,8 +126,7 @@ def test_compiled_model_matches_eager(cuda):
 @pytest.mark.ort_gpu
 def test_ort_cuda_session_matches_cpu(request):
     import onnxruntime as ort
-
-    from runtime import ReSSFormerSession
+    from ressformer.runtime import ReSSFormerSession
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.fail(f"onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()}); "

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx.reference import ReferenceEvaluator
+from ressformer.export import reference
+from ressformer.export.ops import check_normalizers, make_op_model, topk_attention_proto
 
-from export import reference
-from export.ops import check_normalizers, make_op_model, topk_attention_proto
 from ressformer import ops as tops
 
 from .op_cases import (

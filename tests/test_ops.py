@@ -14,8 +14,8 @@ import entmax
 import numpy as np
 import pytest
 import torch
+from ressformer.export import reference
 
-from export import reference
 from ressformer import ops
 
 from .op_cases import (

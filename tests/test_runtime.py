@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from ressformer.runtime import ModelError, ReSSFormerSession
 
 from ressformer import load_checkpoint
 from ressformer.cli import main
-from runtime import ModelError, ReSSFormerSession
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,16 +205,18 @@ def test_unknown_opset_inside_graph(tiny_export, tmp_path):
 def test_runtime_never_imports_torch(tiny_export):
     code = f"""
 import sys
+BLOCKED = ('torch', 'onnx', 'onnxscript', 'export', 'runtime')
+OURS = ('ressformer.model', 'ressformer.export', 'ressformer.parity', 'ressformer.checkpoint')
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'ressformer', 'export', 'onnx', 'onnxscript'):
+        if name.split('.')[0] in BLOCKED or name.startswith(OURS):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from runtime import ReSSFormerSession
+from ressformer.runtime import ReSSFormerSession
 s = ReSSFormerSession({str(tiny_export)!r})
 ids = list(s.generate('hi', max_new_tokens=5, seed=0))
 assert len(ids) == 5
-bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ressformer', 'export')]
+bad = [m for m in sys.modules if m.split('.')[0] in BLOCKED or m.startswith(OURS)]
 assert not bad, bad
 print('ok')
 """
