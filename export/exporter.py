@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ressformer import fsutil
 from ressformer.checkpoint import checkpoint_hash, load_checkpoint
 from ressformer.ops import OPSET_VERSION
 
@@ -57,6 +57,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     if quantize and dtype != "fp32":  # int8 replaces fp32 weights; fp16 ones sit behind Casts
         raise ValueError(f"quantize={quantize} needs dtype fp32 (the int8 weights replace the float32 ones), "
                          f"got dtype {dtype}")
+    if fsutil.same_or_nested(out, checkpoint):  # never replace (or write into) the input, even with overwrite
+        raise ValueError(f"output {out} overlaps the checkpoint {checkpoint} (the same folder, or one inside "
+                         "the other); export to a folder outside the checkpoint")
+    fsutil.recover(out)  # an export killed earlier: restore its backup, remove its temporary folder
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -76,7 +80,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
                          "the dense baseline is a PyTorch-only comparison model")
     steps = steps or cfg.n_steps
     specs = graph_specs(cfg, steps)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:
         graphs = {}
@@ -110,10 +114,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             if not report["passed"]:
                 raise ExportError("export validation failed:\n" + report["summary"])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
+        # atomic: the old export stays readable until the new one is in place (ressformer.fsutil)
+        fsutil.replace_dir(tmp, parent / out.name, overwrite=overwrite or not fsutil.is_nonempty_dir(out))
+    except (Exception, KeyboardInterrupt):  # a kill leaves tmp to the next run's fsutil.recover
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(f"exported {checkpoint} -> {out} in {time.perf_counter() - t_start:.1f}s")

@@ -5,71 +5,62 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import fsutil
 from .config import ReSSFormerConfig
+from .fsutil import atomic_dir, recover
 from .model import ReSSFormer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.safetensors"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or does not match its config."""
 
 
-def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
-    """Context manager: yields a temporary sibling folder, renamed to `final` on success."""
-    return _AtomicDir(Path(final), overwrite)
-
-
-class _AtomicDir:
-    def __init__(self, final: Path, overwrite: bool):
-        self.final, self.overwrite = final, overwrite
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise FileExistsError(f"{self.final} already exists")
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return False
-
-
 def save_checkpoint(model: ReSSFormer, path: str | os.PathLike, extra: dict | None = None,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ optional extra tensors/metadata) atomically."""
+                    tensors: dict[str, torch.Tensor] | None = None, overwrite: bool = True) -> Path:
+    """Write config.json + model.safetensors (+ optional extra tensors/metadata) into a temporary
+    sibling folder, then put it in place of `path` (ressformer.fsutil: the old checkpoint stays
+    readable until the new one is complete). overwrite=False refuses an existing `path`."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it is a file, not a folder")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        fsutil._step("weights")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"config": model.config.to_dict(), "format": "ressformer-checkpoint-v1",
-                "n_params": model.num_params(), "sha256": file_sha256(tmp / WEIGHTS_FILE),
-                **(extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                "n_params": model.num_params(), "sha256": file_sha256(tmp / WEIGHTS_FILE)}
         if tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      str(tmp / "train_state.safetensors"))
+            fsutil._step("train_state")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TRAIN_STATE_FILE))
+            meta["train_state_sha256"] = file_sha256(tmp / TRAIN_STATE_FILE)
+        fsutil._step("config")
+        (tmp / CONFIG_FILE).write_text(json.dumps({**meta, **(extra or {})}, indent=2, sort_keys=True))
     return path
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The optimizer/RNG tensors of a training checkpoint, checked against their recorded hash."""
+    path = Path(path)
+    meta, f = read_meta(path), path / TRAIN_STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} has no optimizer state ({TRAIN_STATE_FILE}); "
+                              "it cannot be resumed (train from it with a new run instead)")
+    if meta.get("train_state_sha256") and file_sha256(f) != meta["train_state_sha256"]:
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE_FILE} is corrupted (sha256 mismatch)")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TRAIN_STATE_FILE}: {e}") from e
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -82,14 +73,19 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def read_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if not path.exists():
+        recover(path)  # a save killed between its two renames left only the backup: restore it
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file; a checkpoint is a folder (config.json + "
+                              f"{WEIGHTS_FILE})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {CONFIG_FILE}")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} has no 'config' entry")

