@@ -22,14 +22,18 @@ from ressformer import fsutil
 from ressformer.checkpoint import checkpoint_hash, load_checkpoint
 from ressformer.ops import OPSET_VERSION
 
-from .modules import WRAPPERS, example_inputs
+from .modules import example_inputs, wrapper_for
 from .ops import DOMAIN, SUPPORTED_OPSETS, check_normalizers, function_protos
 from .ops import _all_nodes as _nodes
-from .spec import graph_specs
+from .spec import graph_specs, unrolled_names
 
 SIDECAR = "ressformer.json"
 FORMAT = "ressformer-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unrolled piece/segment_end graphs, memory keys/values as state, model_sha256
+# Generation defaults written to the sidecar (editable: not covered by model_sha256); `generate`
+# uses them unless told otherwise, like the generation configs of ONNX Runtime GenAI / HF.
+GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "max_new_tokens": 200,
+                       "repetition_penalty": 1.0, "stop": []}
 IR_VERSION = 10  # onnxruntime-gpu 1.31 accepts IR <= 13; 10 is what torch writes
 DTYPES = ("fp32", "fp16")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this, weights go to external data (protobuf's 2 GB cap)
@@ -40,7 +44,7 @@ class ExportError(RuntimeError):
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 18,
-                      dtype: str = "fp32", steps: int | None = None, validate=None,
+                      dtype: str = "fp32", steps: int | list[int] | None = None, validate=None,
                       quantize: str | None = None, progress=print, overwrite: bool = False) -> Path:
     """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
 
@@ -78,15 +82,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     if not cfg.shared:
         raise ValueError("export supports the shared-block ReSSFormer (config shared=True); "
                          "the dense baseline is a PyTorch-only comparison model")
-    steps = steps or cfg.n_steps
-    specs = graph_specs(cfg, steps)
+    steps_list = _steps_list(steps, cfg.n_steps)
+    specs = graph_specs(cfg, steps_list)
     tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:
         graphs = {}
         for i, (name, spec) in enumerate(specs.items(), 1):
             t0 = time.perf_counter()
-            proto = _export_graph(model, name, spec, cfg, steps, opset)
+            proto = _export_graph(model, name, spec, cfg, opset)
             if dtype == "fp16":
                 proto = _fp16_weights(proto)
             path = tmp / spec.file
@@ -101,12 +105,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "ressformer_opset": {"domain": DOMAIN, "version": OPSET_VERSION},
             "onnx_opset": opset, "ir_version": IR_VERSION, "dtype": dtype, "quantize": quantize,
-            "config": cfg.to_dict(), "steps": steps,
+            "config": cfg.to_dict(), "steps": cfg.n_steps,
             "segment_len": cfg.segment_len, "cache_len": cfg.cache_len, "mem_slots": cfg.mem_slots,
             "tokenizer": {"type": "bytes", "vocab_size": cfg.vocab_size, "encoding": "utf-8"},
             "checkpoint_sha256": checkpoint_hash(checkpoint),
             "graphs": graphs,
+            "unrolled": {str(k): dict(zip(("piece", "segment_end"), unrolled_names(k))) for k in steps_list},
         }
+        sidecar["model_sha256"] = model_hash(sidecar)
+        sidecar["generation"] = dict(GENERATION_DEFAULTS)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         if validate:
             progress("validating ONNX Runtime against PyTorch ...")
@@ -123,9 +130,26 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     return out
 
 
-def _export_graph(model, name, spec, cfg, steps, opset) -> onnx.ModelProto:
-    wrapper = WRAPPERS[name](model, steps) if name == "full" else WRAPPERS[name](model)
-    args = example_inputs(name, cfg, steps)
+def _steps_list(steps, trained: int) -> list[int]:
+    """--steps: None (the trained K), an int, or a list of K values that get unrolled graphs."""
+    items = [trained] if steps is None else [steps] if isinstance(steps, int) else list(steps)
+    for k in items:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"steps must be positive integers (K of the unrolled graphs), got {k!r}")
+    return list(dict.fromkeys(items))
+
+
+def model_hash(sidecar: dict) -> str:
+    """sha256 of the sidecar's model fields (everything but `model_sha256` and the editable
+    `generation` defaults), as canonical JSON. The runtime recomputes it (runtime/session.py
+    `_model_hash`, the same three lines) and refuses an edited sidecar."""
+    fields = {k: v for k, v in sidecar.items() if k not in ("model_sha256", "generation")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
+    wrapper = wrapper_for(name, model)
+    args = example_inputs(name, cfg)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(

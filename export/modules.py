@@ -14,8 +14,12 @@ class Init(nn.Module):
         self.model = model
 
     def forward(self, tokens):
-        cfg = self.model.config
-        return self.model.mem_init[None].expand(tokens.shape[0], cfg.mem_slots, cfg.d_model) * 1.0
+        m = self.model
+        cfg = m.config
+        mem = (m.mem_init[None] if cfg.mem_slots else m.embed.weight[:0][None]).expand(
+            tokens.shape[0], cfg.mem_slots, cfg.d_model) * 1.0
+        mem_k, mem_v = m.blocks[0].memory_kv(mem)
+        return mem, mem_k, mem_v
 
 
 class Embed(nn.Module):
@@ -66,37 +70,62 @@ class Memory(nn.Module):
         return memory, alpha, seg_k[..., T - C:, :], seg_v[..., T - C:, :]
 
 
-class Full(nn.Module):
-    """One whole segment from its start: embed, K unrolled steps, head, memory update, cache."""
+class Piece(nn.Module):
+    """A piece of a segment through the whole model with K steps unrolled: embed, K applications of
+    the shared block (the memory's keys/values given, computed once per segment), head."""
 
     def __init__(self, model: ReSSFormer, steps: int):
         super().__init__()
         self.model, self.steps = model, steps
 
-    def forward(self, tokens, conv, memory, cache_k, cache_v, cache_valid):
+    def forward(self, tokens, pos, conv, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v):
         m = self.model
-        cfg = m.config
-        h, conv_out = m.embed_tokens(tokens, conv, 0)
-        zero = torch.zeros((), dtype=torch.long)
-        ks, vs = [], []
+        h, conv_out = m.embed_tokens(tokens, conv, pos)  # (B, T, d)
+        ks, vs, idxs, ws, exps = [], [], [], [], []
         for t in range(self.steps):
-            empty_k = cache_k[t][..., :0, :]
-            h, k, v, *_ = m.step(t, h, memory, cache_k[t], cache_v[t], cache_valid, empty_k, empty_k, zero)
+            h, k, v, idx, w, experts, _ = m.step(t, h, None, cache_k[t], cache_v[t], cache_valid,
+                                                 past_k[t], past_v[t], pos, (mem_k, mem_v))
             ks.append(k)
             vs.append(v)
-        seg_k, seg_v = torch.stack(ks), torch.stack(vs)  # (S, B, H, T, D)
-        mem = memory
-        if cfg.mem_slots > 0:
-            mem, _ = m.update_memory(memory, seg_k, seg_v)
-        T = seg_k.shape[-2]
-        C = cfg.cache_len
-        return (m.head(h), conv_out, mem, seg_k[..., T - C:, :], seg_v[..., T - C:, :])
+            idxs.append(idx)
+            ws.append(w)
+            exps.append(experts)
+        present_k = torch.cat([past_k, torch.stack(ks)], -2)  # (S, B, H, P + T, D)
+        present_v = torch.cat([past_v, torch.stack(vs)], -2)
+        return (m.head(h), conv_out, present_k, present_v, torch.stack(idxs), torch.stack(ws),
+                torch.stack(exps))
 
 
-WRAPPERS = {"init": Init, "embed": Embed, "step": Step, "head": Head, "memory": Memory, "full": Full}
+class SegmentEnd(nn.Module):
+    """At a segment's end: the K memory refinements, the next segment's caches, and the new
+    memory's keys/values."""
+
+    def __init__(self, model: ReSSFormer, steps: int):
+        super().__init__()
+        self.model, self.steps = model, steps
+
+    def forward(self, memory, seg_k, seg_v):  # seg_k/v (S, B, H, L, D)
+        m = self.model
+        C, T = m.config.cache_len, seg_k.shape[-2]
+        if m.config.mem_slots > 0:
+            memory, _ = m.update_memory(memory, seg_k, seg_v)
+        else:
+            memory = memory * 1.0
+        mem_k, mem_v = m.blocks[0].memory_kv(memory)
+        return memory, mem_k, mem_v, seg_k[..., T - C:, :], seg_v[..., T - C:, :]
 
 
-def example_inputs(name: str, cfg, steps: int, batch: int = 2, length: int = 3, past: int = 2):
+WRAPPERS = {"init": Init, "embed": Embed, "step": Step, "head": Head, "memory": Memory,
+            "piece": Piece, "segment_end": SegmentEnd}
+
+
+def wrapper_for(name: str, model: ReSSFormer):
+    """The module that traces graph `name` (unrolled graphs are named e.g. piece_k4)."""
+    kind, _, k = name.partition("_k") if name.startswith(("piece_k", "segment_end_k")) else (name, "", "")
+    return WRAPPERS[kind](model, int(k)) if k else WRAPPERS[kind](model)
+
+
+def example_inputs(name: str, cfg, batch: int = 2, length: int = 3, past: int = 2):
     """Example inputs for tracing; sizes avoid 0 and 1 so torch.export keeps the axes dynamic."""
     d, H, D, C, m = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.cache_len, cfg.mem_slots
     w = max(cfg.conv_kernel - 1, 0)
@@ -115,9 +144,12 @@ def example_inputs(name: str, cfg, steps: int, batch: int = 2, length: int = 3, 
     if name == "memory":
         seg = max(cfg.top_k, cfg.cache_len, 4) + 1
         return (r(batch, m, d), r(batch, H, seg, D), r(batch, H, seg, D))
-    if name == "full":
-        length = max(length, C + 1)  # the cache slice needs T >= C
-        tok = torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
-        return (tok, r(batch, w, d), r(batch, m, d), r(steps, batch, H, C, D), r(steps, batch, H, C, D),
-                torch.tensor(C))
+    if name.startswith("piece_k"):
+        S, P = int(name[len("piece_k"):]), past
+        return (tok, torch.tensor(5), r(batch, w, d), r(batch, H, m, D), r(batch, H, m, D), r(S, batch, H, C, D),
+                r(S, batch, H, C, D), torch.tensor(C), r(S, batch, H, P, D), r(S, batch, H, P, D))
+    if name.startswith("segment_end_k"):
+        S = int(name[len("segment_end_k"):])
+        seg = max(cfg.top_k, cfg.cache_len, 4) + 1
+        return (r(batch, m, d), r(S, batch, H, seg, D), r(S, batch, H, seg, D))
     raise KeyError(name)

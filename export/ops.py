@@ -80,6 +80,60 @@ def Sparsemax(X: FLOAT) -> FLOAT:
 
 
 @script(ressformer, default_opset=op)
+def Entmax15Sorted(X: FLOAT) -> FLOAT:
+    """Entmax15 of X already sorted in descending order along the last axis (TopK's output):
+    the same computation without the sort. Internal to TopKAttention."""
+    Xh = X * op.CastLike(op.Constant(value_float=0.5), X)
+    mx = op.ReduceMax(Xh, op.Constant(value_ints=[-1]), keepdims=1)
+    zero = op.CastLike(op.Constant(value_float=0.0), X)
+    one = op.CastLike(op.Constant(value_float=1.0), X)
+    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
+    mx0 = op.Where(valid, mx, zero)
+    Zs = op.Max(op.Sub(Xh, mx0), op.CastLike(op.Constant(value_float=-2.0), X))  # sorted: monotone map
+    n = op.Shape(X, start=-1)
+    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
+                     op.Constant(value_int=1))
+    rho = op.CastLike(rho_i, X)
+    mean = op.CumSum(Zs, op.Constant(value_int=-1)) / rho
+    mean_sq = op.CumSum(Zs * Zs, op.Constant(value_int=-1)) / rho
+    ss = rho * (mean_sq - mean * mean)
+    delta = op.Max((one - ss) / rho, zero)
+    tau = mean - op.Sqrt(delta)
+    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.LessOrEqual(tau, Zs)), to=INT64.dtype),
+                              op.Constant(value_int=-1)), op.Constant(value_int=0))
+    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
+    tau_star = op.ReduceSum(op.Where(op.Equal(rho_i, support), tau, zero), op.Constant(value_ints=[-1]),
+                            keepdims=1)
+    Yp = op.Max(Zs - tau_star, zero)
+    Y = op.Where(valid, Yp * Yp, zero)
+    return Y
+
+
+@script(ressformer, default_opset=op)
+def SparsemaxSorted(X: FLOAT) -> FLOAT:
+    """Sparsemax of X already sorted in descending order along the last axis: the same
+    computation without the sort. Internal to TopKAttention."""
+    mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
+    zero = op.CastLike(op.Constant(value_float=0.0), X)
+    one = op.CastLike(op.Constant(value_float=1.0), X)
+    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
+    mx0 = op.Where(valid, mx, zero)
+    Zs = op.Max(op.Sub(X, mx0), op.CastLike(op.Constant(value_float=-2.0), X))
+    n = op.Shape(X, start=-1)
+    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
+                     op.Constant(value_int=1))
+    rho = op.CastLike(rho_i, X)
+    cs = op.CumSum(Zs, op.Constant(value_int=-1)) - one
+    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.Greater(rho * Zs, cs)), to=INT64.dtype),
+                              op.Constant(value_int=-1)), op.Constant(value_int=0))
+    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
+    tau = op.ReduceSum(op.Where(op.Equal(rho_i, support), cs, zero), op.Constant(value_ints=[-1]),
+                       keepdims=1) / op.CastLike(support, X)
+    Y = op.Where(valid, op.Max(Zs - tau, zero), zero)
+    return Y
+
+
+@script(ressformer, default_opset=op)
 def SafeSoftmax(X: FLOAT) -> FLOAT:
     """Softmax along the last axis; a row of only -inf gives zeros (not NaN)."""
     mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
@@ -104,13 +158,15 @@ def TopKRoute(logits: FLOAT, k: int) -> tuple[FLOAT, INT64]:
 def TopKAttentionEntmax15(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, scale: float,
                           normalizer: str) -> tuple[FLOAT, INT64, FLOAT]:
     S = op.MatMul(Q, op.Transpose(K, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale), Q)
-    ninf = op.CastLike(op.Constant(value_float=float("-inf")), Q)
-    S = op.Where(mask, S, ninf)
+    # masked keys: an additive 0/-inf bias of shape (T, N), not a Where over (B, H, T, N)
+    bias = op.Where(mask, op.CastLike(op.Constant(value_float=0.0), Q),
+                    op.CastLike(op.Constant(value_float=float("-inf")), Q))
+    S = op.Add(S, bias)
     n = op.Shape(K, start=-2, end=-1)
     tk = op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1]))
     kk = op.Where(op.Greater(tk, op.Constant(value_ints=[0])), op.Min(tk, n), n)
     val, idx = op.TopK(S, kk, axis=-1, largest=1, sorted=1)
-    W = ressformer.Entmax15(val)
+    W = ressformer.Entmax15Sorted(val)  # TopK returns val sorted: no second sort
     dense = op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), Q), op.Shape(S)),
                                idx, W, axis=-1)
     O = op.MatMul(dense, V)  # noqa: E741 (the spec's output name)
@@ -121,13 +177,15 @@ def TopKAttentionEntmax15(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, 
 def TopKAttentionSparsemax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, scale: float,
                            normalizer: str) -> tuple[FLOAT, INT64, FLOAT]:
     S = op.MatMul(Q, op.Transpose(K, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale), Q)
-    ninf = op.CastLike(op.Constant(value_float=float("-inf")), Q)
-    S = op.Where(mask, S, ninf)
+    # masked keys: an additive 0/-inf bias of shape (T, N), not a Where over (B, H, T, N)
+    bias = op.Where(mask, op.CastLike(op.Constant(value_float=0.0), Q),
+                    op.CastLike(op.Constant(value_float=float("-inf")), Q))
+    S = op.Add(S, bias)
     n = op.Shape(K, start=-2, end=-1)
     tk = op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1]))
     kk = op.Where(op.Greater(tk, op.Constant(value_ints=[0])), op.Min(tk, n), n)
     val, idx = op.TopK(S, kk, axis=-1, largest=1, sorted=1)
-    W = ressformer.Sparsemax(val)
+    W = ressformer.SparsemaxSorted(val)
     dense = op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), Q), op.Shape(S)),
                                idx, W, axis=-1)
     O = op.MatMul(dense, V)  # noqa: E741 (the spec's output name)
@@ -138,8 +196,10 @@ def TopKAttentionSparsemax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int,
 def TopKAttentionSoftmax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, scale: float,
                          normalizer: str) -> tuple[FLOAT, INT64, FLOAT]:
     S = op.MatMul(Q, op.Transpose(K, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale), Q)
-    ninf = op.CastLike(op.Constant(value_float=float("-inf")), Q)
-    S = op.Where(mask, S, ninf)
+    # masked keys: an additive 0/-inf bias of shape (T, N), not a Where over (B, H, T, N)
+    bias = op.Where(mask, op.CastLike(op.Constant(value_float=0.0), Q),
+                    op.CastLike(op.Constant(value_float=float("-inf")), Q))
+    S = op.Add(S, bias)
     n = op.Shape(K, start=-2, end=-1)
     tk = op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1]))
     kk = op.Where(op.Greater(tk, op.Constant(value_ints=[0])), op.Min(tk, n), n)
@@ -153,7 +213,7 @@ def TopKAttentionSoftmax(Q: FLOAT, K: FLOAT, V: FLOAT, mask: BOOL, top_k: int, s
 
 _ATTENTION = {"entmax15": TopKAttentionEntmax15, "sparsemax": TopKAttentionSparsemax,
               "softmax": TopKAttentionSoftmax}
-NORMALIZER_OPS = {"entmax15": "Entmax15", "sparsemax": "Sparsemax", "softmax": "SafeSoftmax"}
+NORMALIZER_OPS = {"entmax15": "Entmax15Sorted", "sparsemax": "SparsemaxSorted", "softmax": "SafeSoftmax"}
 TopKAttention = TopKAttentionEntmax15  # the default variant
 
 
@@ -177,8 +237,8 @@ def function_protos(normalizer: str, opset: int = BASE_OPSET) -> list[onnx.Funct
     needs that order), with the default-domain import set to the model's opset."""
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"unsupported opset {opset}; supported: {SUPPORTED_OPSETS}")
-    protos = [Entmax15.to_function_proto(), Sparsemax.to_function_proto(),
-              SafeSoftmax.to_function_proto(), TopKRoute.to_function_proto(),
+    protos = [Entmax15.to_function_proto(), Sparsemax.to_function_proto(), Entmax15Sorted.to_function_proto(),
+              SparsemaxSorted.to_function_proto(), SafeSoftmax.to_function_proto(), TopKRoute.to_function_proto(),
               topk_attention_proto(normalizer)]
     for p in protos:
         for imp in p.opset_import:

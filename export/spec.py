@@ -35,16 +35,24 @@ class GraphSpec:
                 "outputs": [j(o) for o in self.outputs]}
 
 
-def graph_specs(cfg, steps: int) -> dict[str, GraphSpec]:
-    """The graphs of one export. `cfg` is a ReSSFormerConfig, `steps` the K of the full graph."""
+def unrolled_names(steps: int) -> tuple[str, str]:
+    """Names of the two graphs that run a model with K = steps unrolled: (piece, segment_end)."""
+    return f"piece_k{steps}", f"segment_end_k{steps}"
+
+
+def graph_specs(cfg, steps_list=(None,)) -> dict[str, GraphSpec]:
+    """The graphs of one export. `cfg` is a ReSSFormerConfig; `steps_list` the K values that get
+    unrolled graphs (None: the trained K). The step-graph path (embed, step, head, memory) runs any
+    K; the unrolled path (piece + segment_end) runs one of `steps_list` in one ONNX Runtime run per
+    piece of a segment (docs/runtime-contract.md)."""
     d, H, D, C, m, V = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.cache_len, cfg.mem_slots, cfg.vocab_size
     w = max(cfg.conv_kernel - 1, 0)
     f, i64 = "float32", "int64"
     kv = lambda n, ax: IO(n, f, ("batch", H, ax, D))  # noqa: E731
     specs = [
         GraphSpec("init", "init.onnx", (IO("tokens", i64, ("batch", "length")),),
-                  (IO("memory", f, ("batch", m, d)),),
-                  "initial segment memory (the learned M_0) for a batch"),
+                  (IO("memory", f, ("batch", m, d)), kv("mem_k", m), kv("mem_v", m)),
+                  "initial segment memory (the learned M_0) for a batch, and its keys/values"),
         GraphSpec("embed", "embed.onnx",
                   (IO("tokens", i64, ("batch", "length")), IO("conv", f, ("batch", w, d))),
                   (IO("h", f, ("batch", "length", d)), IO("conv_out", f, ("batch", w, d))),
@@ -62,22 +70,36 @@ def graph_specs(cfg, steps: int) -> dict[str, GraphSpec]:
                   "keys/values followed by the piece's (present = past + length)"),
         GraphSpec("head", "head.onnx", (IO("h", f, ("batch", "length", d)),),
                   (IO("logits", f, ("batch", "length", V)),), "final RMSNorm + tied output head"),
-        GraphSpec("full", "model.onnx",
-                  (IO("tokens", i64, ("batch", "length")), IO("conv", f, ("batch", w, d)),
-                   IO("memory", f, ("batch", m, d)), IO("cache_k", f, (steps, "batch", H, C, D)),
-                   IO("cache_v", f, (steps, "batch", H, C, D)), IO("cache_valid", i64, ())),
-                  (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
-                   IO("memory_out", f, ("batch", m, d)),
-                   IO("cache_k_out", f, (steps, "batch", H, C, D)),
-                   IO("cache_v_out", f, (steps, "batch", H, C, D))),
-                  f"one whole segment from its start, K={steps} steps unrolled, then the memory "
-                  "update; state outputs are meaningful when length == segment_len"),
+        GraphSpec("memory", "memory.onnx",
+                  (IO("memory", f, ("batch", m, d)), kv("seg_k", "segment"), kv("seg_v", "segment")),
+                  (IO("memory_out", f, ("batch", m, d)), IO("alpha", f, ("batch", m, 1)),
+                   kv("cache_k_out", C), kv("cache_v_out", C)),
+                  "at a segment's end, for each step t in order: one gated memory refinement with the "
+                  "segment's keys/values at t, and step t's token cache for the next segment"),
     ]
-    specs.insert(4, GraphSpec(
-        "memory", "memory.onnx",
-        (IO("memory", f, ("batch", m, d)), kv("seg_k", "segment"), kv("seg_v", "segment")),
-        (IO("memory_out", f, ("batch", m, d)), IO("alpha", f, ("batch", m, 1)),
-         kv("cache_k_out", C), kv("cache_v_out", C)),
-        "at a segment's end, for each step t in order: one gated memory refinement with the "
-        "segment's keys/values at t, and step t's token cache for the next segment"))
+    for steps in dict.fromkeys(s or cfg.n_steps for s in steps_list):
+        S = steps
+        skv = lambda n, ax, S=S: IO(n, f, (S, "batch", H, ax, D))  # noqa: E731
+        piece, end = unrolled_names(S)
+        specs += [
+            GraphSpec(piece, f"{piece}.onnx",
+                      (IO("tokens", i64, ("batch", "length")), IO("pos", i64, ()), IO("conv", f, ("batch", w, d)),
+                       kv("mem_k", m), kv("mem_v", m), skv("cache_k", C), skv("cache_v", C),
+                       IO("cache_valid", i64, ()), skv("past_k", "past"), skv("past_v", "past")),
+                      (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
+                       skv("present_k", "present"), skv("present_v", "present"),
+                       IO("attn_idx", i64, (S, "batch", H, "length", "topk")),
+                       IO("attn_w", f, (S, "batch", H, "length", "topk")),
+                       IO("experts", i64, (S, "batch", "length", cfg.top_e))),
+                      f"a piece of a segment (1 token when decoding, up to the rest of the segment when "
+                      f"prefilling) through embedding, K={S} unrolled steps and the head in one run; "
+                      "present = past followed by the piece's keys/values (present = past + length); "
+                      "attn_idx/attn_w/experts are diagnostics (parity flip accounting)"),
+            GraphSpec(end, f"{end}.onnx",
+                      (IO("memory", f, ("batch", m, d)), skv("seg_k", "segment"), skv("seg_v", "segment")),
+                      (IO("memory_out", f, ("batch", m, d)), kv("mem_k_out", m), kv("mem_v_out", m),
+                       skv("cache_k_out", C), skv("cache_v_out", C)),
+                      f"at a segment's end (segment = segment_len): the K={S} gated memory refinements in "
+                      "order, the next segment's token caches, and the new memory's keys/values"),
+        ]
     return {s.name: s for s in specs}

@@ -1,9 +1,10 @@
 """The parity ladder: ONNX Runtime against PyTorch, rung by rung, so a mismatch is pinned to
 where it starts.
 
-  1 ops      each `ressformer` op function shipped in the export, against the PyTorch kernel
-  2 step     one recurrent step (step.onnx) on a real mid-sequence state
-  3 segment  the forward of one segment (step graphs and model.onnx)
+  1 ops      each `ressformer` op function shipped in the export's graphs, against the PyTorch kernel
+  2 step     one recurrent step (step.onnx), and one piece through the K unrolled steps
+             (piece_kK.onnx), on a real mid-sequence state
+  3 segment  the forward of one segment (unrolled graphs; the step graphs on one case)
   4 stream   several segments with the memory and caches carried
   5 decode   token-by-token decoding with the per-step key/value caches
   6 generate greedy generation: identical tokens
@@ -86,11 +87,11 @@ class Report:
         return next((r for r in self.rows if not r.passed), None)
 
     def table(self) -> str:
-        hdr = f"{'rung':8} {'case':28} {'output':12} {'max_abs':>9} {'max_rel':>9} {'mean_abs':>9} " \
+        hdr = f"{'rung':8} {'case':40} {'output':12} {'max_abs':>9} {'max_rel':>9} {'mean_abs':>9} " \
               f"{'flips':>5} {'margin':>9}  ok"
         lines = [hdr, "-" * len(hdr)]
         for r in self.rows:
-            lines.append(f"{r.rung:8} {r.case[:28]:28} {r.output[:12]:12} {r.max_abs:9.2e} {r.max_rel:9.2e} "
+            lines.append(f"{r.rung:8} {r.case[:40]:40} {r.output[:12]:12} {r.max_abs:9.2e} {r.max_rel:9.2e} "
                          f"{r.mean_abs:9.2e} {r.flips:5d} {r.max_flip_margin:9.2e}  "
                          f"{'ok' if r.passed else 'FAIL'}{' ' + r.note if r.note else ''}")
         return "\n".join(lines)
@@ -197,13 +198,21 @@ class Ladder:
 
     # rung 1 -------------------------------------------------------------------------------------
     def rung_ops(self, seed=0):
-        """Each op function as shipped inside step.onnx, run alone in ORT, against PyTorch."""
-        step = onnx.load(str(self.sess.dir / self.sess.meta["graphs"]["step"]["file"]), load_external_data=False)
-        funcs = [f for f in step.functions if f.domain == DOMAIN]
-        opset = next(o.version for o in step.opset_import if o.domain in ("", "ai.onnx"))
+        """Each op function as shipped inside step.onnx and each unrolled piece graph, run alone in
+        ORT, against PyTorch."""
+        names = ["step"] + [u["piece"] for u in self.sess.meta["unrolled"].values()]
+        for name in names:
+            self._ops_of(name, seed)
+
+    def _ops_of(self, graph: str, seed):
+        proto = onnx.load(str(self.sess.dir / self.sess.meta["graphs"][graph]["file"]), load_external_data=False)
+        funcs = [f for f in proto.functions if f.domain == DOMAIN]
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         g = torch.Generator().manual_seed(seed)
         cfg = self.cfg
-        for op_name in ("Entmax15", "Sparsemax", "SafeSoftmax", "TopKRoute", "TopKAttention"):
+        where = "" if graph == "step" else f" ({graph})"
+        for op_name in ("Entmax15", "Sparsemax", "Entmax15Sorted", "SparsemaxSorted", "SafeSoftmax", "TopKRoute",
+                        "TopKAttention"):
             m = _op_model(op_name, funcs, opset, cfg)
             s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
             if op_name == "TopKAttention":
@@ -215,25 +224,28 @@ class Ladder:
                 o, idx, w = s.run(None, feeds)
                 ro, ridx, rw = tops.topk_attention_kernel(q, k, v, mask, cfg.top_k, cfg.normalizer, self.scale)
                 fl = _set_diff(ridx.numpy(), idx, mask.numpy())
-                self.add(compare("ops", f"TopKAttention[{cfg.normalizer}]", "O", o, ro.numpy(), self.tol["ops"],
-                                 flips=int(fl.sum())))
+                self.add(compare("ops", f"TopKAttention[{cfg.normalizer}]{where}", "O", o, ro.numpy(),
+                                 self.tol["ops"], flips=int(fl.sum())))
                 self.rows_fail_on_flips(fl)
             elif op_name == "TopKRoute":
                 x = torch.randn(37, cfg.n_experts, generator=g)
                 gates, ex = s.run(None, {"logits": x.numpy()})
                 rg, rex = tops.topk_route_kernel(x, cfg.top_e)
                 fl = (np.sort(ex, -1) != np.sort(rex.numpy(), -1)).any(-1)
-                self.add(compare("ops", "TopKRoute", "gates", gates, rg.numpy(), self.tol["ops"],
+                self.add(compare("ops", f"TopKRoute{where}", "gates", gates, rg.numpy(), self.tol["ops"],
                                  flips=int(fl.sum())))
                 self.rows_fail_on_flips(fl)
             else:
                 x = torch.randn(23, cfg.top_k + 1, generator=g) * 3
                 x[0] = float("-inf")
                 x[1, ::2] = float("-inf")
+                if op_name.endswith("Sorted"):  # their input is TopK's output: sorted, descending
+                    x = x.sort(-1, descending=True).values
                 kern = {"Entmax15": tops.entmax15_kernel, "Sparsemax": tops.sparsemax_kernel,
+                        "Entmax15Sorted": tops.entmax15_kernel, "SparsemaxSorted": tops.sparsemax_kernel,
                         "SafeSoftmax": tops.softmax_kernel}[op_name]
                 y = s.run(None, {"X": x.numpy()})[0]
-                self.add(compare("ops", op_name, "Y", y, kern(x).numpy(), self.tol["ops"]))
+                self.add(compare("ops", op_name + where, "Y", y, kern(x).numpy(), self.tol["ops"]))
 
     def rows_fail_on_flips(self, flips):
         if flips.any():  # random op inputs have no near-ties: any flip is a bug
@@ -242,10 +254,12 @@ class Ladder:
 
     # rungs 2-5 ----------------------------------------------------------------------------------
     def run_pieces(self, tokens: np.ndarray, pieces: list[int], steps: int, case: str, rung: str,
-                   check_state: bool = False):
+                   check_state: bool = False, path: str | None = None):
         """Feed `tokens` in pieces of the given lengths to both sides, with diagnostics; compare
         logits (up to the first accepted flip) and, if check_state, the final memory."""
         sess, model = self.sess, self.model
+        path = sess.path_for(steps, path)
+        case = f"{case} {path}"
         t_state, o_state = None, None
         t_logits, o_logits = [], []
         n_flips, margins, first_flip = 0, [], None
@@ -255,7 +269,7 @@ class Ladder:
             diag = []
             with torch.no_grad(), Recorder(model) as rec:
                 out = model(torch.from_numpy(x), t_state, steps=steps)
-            lo, o_state = sess.forward(x, o_state, steps=steps, diagnostics=diag)
+            lo, o_state = sess.forward(x, o_state, steps=steps, path=path, diagnostics=diag)
             t_state = out.state
             t_logits.append(out.logits.numpy())
             o_logits.append(lo)
@@ -292,8 +306,13 @@ class Ladder:
         if check_state and first_flip is None:
             self.add(compare(rung, case, "memory", _h(o_state.memory), t_state.memory.numpy(), self.tol[rung]))
             for t in range(steps):
-                self.add(compare(rung, case, f"cache_k[{t}]", _h(o_state.cache_k[t]),
+                self.add(compare(rung, case, f"cache_k[{t}]", _h(o_state.cache_k)[t],
                                  t_state.cache_k[t].numpy(), self.tol[rung]))
+            if o_state.mem_k is not None:  # the unrolled path carries the memory's keys/values
+                with torch.no_grad():
+                    mk, mv = model.blocks[0].memory_kv(t_state.memory)
+                self.add(compare(rung, case, "mem_k", _h(o_state.mem_k), mk.numpy(), self.tol[rung]))
+                self.add(compare(rung, case, "mem_v", _h(o_state.mem_v), mv.numpy(), self.tol[rung]))
         return tl, ol, first_flip
 
     def rung_step(self, batch=2, seed=0):
@@ -335,21 +354,45 @@ class Ladder:
                                      torch.cat([st.past_k[t], tk], -2).numpy(), self.tol["step"]))
                     self.add(compare("step", case, "attn_w", r["attn_w"], tw.numpy(), self.tol["step"]))
                 h = th
+        for steps, names in sorted(sess.unrolled.items()):
+            self._piece_on_state(st, x, steps, names["piece"], batch)
 
-    def rung_segment(self, batch, length, seed=0, steps=None):
+    def _piece_on_state(self, st, x, steps, graph, batch):
+        """The unrolled piece graph on the same mid-sequence state: logits and present keys."""
+        model, sess = self.model, self.sess
+        if st.steps != steps:
+            return
+        with torch.no_grad(), Recorder(model) as rec:
+            out = model(torch.from_numpy(x), st, steps=steps)
+            mk, mv = model.blocks[0].memory_kv(st.memory)
+        r = sess.graphs[graph].run({
+            "tokens": x, "pos": np.array(st.pos), "conv": st.conv.numpy(), "mem_k": mk.numpy(),
+            "mem_v": mv.numpy(), "cache_k": st.cache_k.numpy(), "cache_v": st.cache_v.numpy(),
+            "cache_valid": np.array(st.cache_valid), "past_k": st.past_k.numpy(), "past_v": st.past_v.numpy()})
+        n_flips, margins = 0, []
+        for t in range(steps):
+            kf, km = key_flips(rec.attn[t], r["attn_idx"][t], self.scale, self.cfg.top_k)
+            ef, em = expert_flips(rec.moe[t], r["experts"][t])
+            n_flips += int(kf.sum() + ef.sum())
+            margins += list(km) + list(em)
+        mx = float(max(margins)) if margins else 0.0
+        case = f"B={batch} {graph}"
+        if n_flips:  # a flip changes later steps at and after its position: compare nothing numeric
+            row = self.add(Row("step", case, "logits", 0.0, 0.0, 0.0, 0.0, 0.0, compared=0, passed=mx < self.eps,
+                               flips=n_flips, max_flip_margin=mx, note="selection flips: numbers not compared"))
+            return row
+        self.add(compare("step", case, "logits", r["logits"], out.logits.numpy(), self.tol["step"]))
+        pk = torch.cat([st.past_k, out.state.past_k[..., st.past_k.shape[-2]:, :]], -2) \
+            if out.state.pos % self.cfg.segment_len else None
+        if pk is not None:
+            self.add(compare("step", case, "present_k", r["present_k"], pk.numpy(), self.tol["step"]))
+
+    def rung_segment(self, batch, length, seed=0, steps=None, path=None):
         steps = steps or self.cfg.n_steps
         x = np.random.default_rng(seed).integers(0, self.cfg.vocab_size, (batch, length))
-        tl, _, first_flip = self.run_pieces(x, [length], steps, f"B={batch} T={length} K={steps}", "segment")
-        if length >= self.cfg.segment_len and steps == self.sess.trained_steps and "full" in self.sess.graphs:
-            # model.onnx has no selection diagnostics: compare it up to the first accepted flip
-            # that the step-graph run of the same input found.
-            got, _ = self.sess.forward(x, steps=steps, full_graph=True)
-            upto = tl.shape[1] if first_flip is None else first_flip
-            note = "" if first_flip is None else f"compared up to position {upto} (first accepted flip)"
-            self.add(compare("segment", f"B={batch} T={length} model.onnx", "logits", got[:, :upto],
-                             tl[:, :upto], self.tol["segment"], note=note))
+        self.run_pieces(x, [length], steps, f"B={batch} T={length} K={steps}", "segment", path=path)
 
-    def rung_stream(self, batch, length, seed=0, steps=None):
+    def rung_stream(self, batch, length, seed=0, steps=None, path=None):
         steps = steps or self.cfg.n_steps
         x = np.random.default_rng(seed).integers(0, self.cfg.vocab_size, (batch, length))
         rng = np.random.default_rng(seed + 1)
@@ -358,21 +401,23 @@ class Ladder:
             n = int(min(left, rng.integers(1, self.cfg.segment_len + 7)))
             pieces.append(n)
             left -= n
-        self.run_pieces(x, pieces, steps, f"B={batch} T={length} K={steps} pieces", "stream", check_state=True)
+        self.run_pieces(x, pieces, steps, f"B={batch} T={length} K={steps} pieces", "stream", check_state=True,
+                        path=path)
 
-    def rung_decode(self, batch, length, seed=0, steps=None):
+    def rung_decode(self, batch, length, seed=0, steps=None, path=None):
         """Prefill half, then one token at a time with the per-step caches (flip-aware)."""
         steps = steps or self.cfg.n_steps
         x = np.random.default_rng(seed).integers(0, self.cfg.vocab_size, (batch, length))
         half = length // 2
         pieces = ([half] if half else []) + [1] * (length - half)
-        self.run_pieces(x, pieces, steps, f"B={batch} T={length} K={steps}", "decode")
+        self.run_pieces(x, pieces, steps, f"B={batch} T={length} K={steps}", "decode", path=path)
 
-    def rung_generate(self, prompt="The ", new_tokens=128, steps=None):
+    def rung_generate(self, prompt="The ", new_tokens=128, steps=None, path=None):
         """Greedy generation: PyTorch (incremental, with its own state) vs the runtime."""
         steps = steps or self.cfg.n_steps
+        path = self.sess.path_for(steps, path)
         ids = np.frombuffer(prompt.encode(), np.uint8).astype(np.int64)
-        got = list(self.sess.generate(ids, max_new_tokens=new_tokens, temperature=0, steps=steps))
+        got = list(self.sess.generate(ids, max_new_tokens=new_tokens, temperature=0, steps=steps, path=path))
         ref, margins = [], []
         with torch.no_grad():
             out = self.model(torch.from_numpy(ids)[None], steps=steps)
@@ -384,7 +429,7 @@ class Ladder:
                 ref.append(tok)
                 out = self.model(torch.tensor([[tok]]), out.state, steps=steps)
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-        row = Row("generate", f"greedy {new_tokens} K={steps}", "tokens", 0.0 if same is None else 1.0, 0.0, 0.0,
+        row = Row("generate", f"greedy {new_tokens} K={steps} {path}", "tokens", 0.0 if same is None else 1.0, 0.0, 0.0,
                   0.0, 0.0, compared=new_tokens, passed=same is None)
         if same is not None:
             row.note = f"first differing token at {same} (PyTorch top-2 logit gap there {margins[same]:.2e})"
@@ -438,9 +483,9 @@ def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None,
     lengths = lengths or sorted({1, max(k - 1, 1), k, k + 1, 257, 2 * L + 3})
     steps_list = steps_list or sorted({cfg.n_steps, 1, cfg.n_steps + 2})
     say = progress or (lambda s: None)
-    say("rung 1: ops")
+    say("rung ops: each ressformer op")
     lad.rung_ops()
-    say("rung 2: one recurrent step")
+    say("rung step: one recurrent step, one unrolled piece")
     for b in batches:
         lad.rung_step(batch=b)
     for rung, fn in (("segment", lad.rung_segment), ("stream", lad.rung_stream), ("decode", lad.rung_decode)):
@@ -454,11 +499,14 @@ def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None,
                 if rung == "decode" and n > 2 * L + 8:
                     continue
                 fn(b, n)
+        longest = min(max(lengths), 2 * L + 3) if rung != "segment" else min(L, max(lengths))
+        if lad.sess.path_for(cfg.n_steps) == "unrolled":  # the step graphs too, on one case per rung
+            fn(batches[-1], longest, path="steps")
         for s in steps_list:
             if s != cfg.n_steps:
-                fn(batches[0], min(max(lengths), 2 * L + 3) if rung != "segment" else min(L, max(lengths)), steps=s)
+                fn(batches[0], longest, steps=s)
     if generate_tokens:
-        say("rung 6: greedy generation")
+        say("rung generate: greedy generation")
         lad.rung_generate(new_tokens=generate_tokens)
     return lad.report.to_dict()
 
@@ -475,8 +523,11 @@ def validate_export(model, export_dir, progress=None) -> dict:
         for n in sorted({1, max(k - 1, 1), min(k + 1, L)}):
             lad.rung_segment(b, n)
     lad.rung_segment(1, L)
+    lad.rung_segment(1, L, path="steps")
     lad.rung_stream(3, 2 * L + 5)
+    lad.rung_stream(1, L + 5, path="steps")
     lad.rung_decode(1, min(L + 6, 2 * L))
+    lad.rung_decode(1, min(L + 6, 2 * L), path="steps")
     lad.rung_generate(new_tokens=16)
     rep = lad.report.to_dict()
     if progress:

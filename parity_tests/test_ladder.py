@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from ressformer.export.exporter import model_hash
 from ressformer.parity.ladder import Ladder, compare, run_ladder, validate_export
 
 from ressformer import load_checkpoint
@@ -50,6 +51,7 @@ def planted(src, dst, graph: str, edit):
     edit(m)
     onnx.save(m, str(path))
     meta["graphs"][graph]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta["model_sha256"] = model_hash(meta)
     (dst / "ressformer.json").write_text(json.dumps(meta))
     return dst
 
@@ -92,6 +94,9 @@ def gate_sign(m):
     ("step", perturb_weight, "step"),
     ("step", softmax_body, "ops"),
     ("memory", gate_sign, "stream"),
+    ("piece_k2", perturb_weight, "step"),
+    ("piece_k2", softmax_body, "ops"),
+    ("segment_end_k2", gate_sign, "stream"),
 ])
 def test_planted_defect_caught_at_right_rung(model, tiny_export, tmp_path, graph, edit, rung):
     bad = planted(tiny_export, tmp_path / "bad", graph, edit)
@@ -113,14 +118,16 @@ def run_rungs(lad):
 def test_stream_rung_catches_cache_off_by_one(model, tiny_export, monkeypatch):
     """The next segment's token cache shifted by one position (oldest entry repeated)."""
     lad = Ladder(model, tiny_export)
-    real = lad.sess._end_segment
+    real = lad.sess._piece_unrolled
 
-    def shifted(state):
-        new = real(state)
-        roll = lambda c: np.concatenate([c[..., :1, :], c[..., :-1, :]], -2)  # noqa: E731
-        return replace(new, cache_k=tuple(map(roll, new.cache_k)), cache_v=tuple(map(roll, new.cache_v)))
+    def shifted(tokens, state, diagnostics=None):
+        logits, new = real(tokens, state, diagnostics)
+        if new.pos % lad.sess.segment_len == 0:  # a segment ended: shift its next caches
+            roll = lambda c: np.concatenate([c[..., :1, :], c[..., :-1, :]], -2)  # noqa: E731
+            new = replace(new, cache_k=roll(new.cache_k), cache_v=roll(new.cache_v))
+        return logits, new
 
-    monkeypatch.setattr(lad.sess, "_end_segment", shifted)
+    monkeypatch.setattr(lad.sess, "_piece_unrolled", shifted)
     assert run_rungs(lad) == "stream"
 
 
@@ -128,15 +135,14 @@ def test_decode_rung_catches_bad_kv_cache(model, tiny_export, monkeypatch):
     """A runtime that drops the oldest key/value of the current segment while decoding: the
     segment rung (one piece, no past) passes, the decode rung fails."""
     lad = Ladder(model, tiny_export)
-    real = lad.sess._piece
+    real = lad.sess._piece_unrolled
 
     def off_by_one(tokens, state, diagnostics=None):
-        if state.past_k[0].shape[-2] > 1:
-            state = replace(state, past_k=tuple(p[..., 1:, :] for p in state.past_k),
-                            past_v=tuple(p[..., 1:, :] for p in state.past_v))
+        if state.past_k.shape[-2] > 1:
+            state = replace(state, past_k=state.past_k[..., 1:, :], past_v=state.past_v[..., 1:, :])
         return real(tokens, state, diagnostics)
 
-    monkeypatch.setattr(lad.sess, "_piece", off_by_one)
+    monkeypatch.setattr(lad.sess, "_piece_unrolled", off_by_one)
     lad.rung_segment(1, 20)
     assert lad.report.passed
     lad.rung_decode(1, 20)

@@ -135,7 +135,13 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-e-of-E mixture of GELU experts with sparse dispatch (each expert sees only its tokens)."""
+    """Top-e-of-E mixture of GELU experts with sparse dispatch (each expert sees only its tokens).
+
+    Training and inference run the experts as grouped matrix products (`torch._grouped_mm`):
+    the (token, expert) pairs sorted by expert, one GEMM per layer for all experts, no host
+    synchronisation. Where that is unavailable (float64, torch without it) and under ONNX export,
+    `dispatch` runs each expert on the tokens `nonzero` finds for it.
+    """
 
     record: list | None = None  # set to a list to record (router logits, experts) of each call
 
@@ -152,6 +158,38 @@ class MoE(nn.Module):
     def expert(self, e: int, x):
         return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
 
+    @staticmethod
+    def grouped_ok(x) -> bool:
+        return hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+    def grouped(self, xf, gates, experts):
+        """xf (N, d), gates/experts (N, e) -> (N, d): the N*e (token, expert) pairs sorted by
+        expert (stable), two grouped GEMMs, the gated rows summed back per token."""
+        N, e = experts.shape
+        flat = experts.reshape(-1)  # (N e,) pair p = token p // e, slot p % e
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=xf.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        es = flat[order]  # (N e,) expert of each sorted pair
+        dt = torch.get_autocast_dtype(xf.device.type) if torch.is_autocast_enabled(xf.device.type) else xf.dtype
+        with torch.autocast(xf.device.type, enabled=False):
+            xs = xf[order // e].to(dt)  # (N e, d)
+            h = F.gelu(torch._grouped_mm(xs, self.w1.to(dt), offs=offs) + self.b1[es].to(dt))  # (N e, f)
+            y = torch._grouped_mm(h, self.w2.to(dt), offs=offs) + self.b2[es].to(dt)  # (N e, d)
+            y = y * gates.reshape(-1)[order].unsqueeze(-1).to(dt)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=xf.device))
+        return y[inv].view(N, e, -1).sum(1).to(xf.dtype)  # back to pair order; a sum, no atomics
+
+    def dispatch(self, xf, gates, experts):
+        """Per expert: its tokens (`nonzero`, a host synchronisation on CUDA), run, gate, add."""
+        out = torch.zeros_like(xf)
+        for e in range(self.cfg.n_experts):
+            tok, slot = torch.nonzero(experts == e, as_tuple=True)  # tokens routed to e
+            y = self.expert(e, xf[tok]) * gates[tok, slot].unsqueeze(-1)
+            out = out.index_add(0, tok, y.to(out.dtype))  # autocast may give y another dtype
+        return out
+
     def forward(self, x):
         cfg = self.cfg
         B, T, d = x.shape
@@ -163,17 +201,18 @@ class MoE(nn.Module):
             gates = torch.ones(B * T, 1, dtype=x.dtype, device=x.device)
         else:
             gates, experts = topk_route(logits, cfg.top_e)  # (N, e)
-            out = torch.zeros_like(xf)
-            for e in range(cfg.n_experts):
-                tok, slot = torch.nonzero(experts == e, as_tuple=True)  # tokens routed to e
-                y = self.expert(e, xf[tok]) * gates[tok, slot].unsqueeze(-1)
-                out = out.index_add(0, tok, y.to(out.dtype))  # autocast may give y another dtype
+            if _exporting() or not self.grouped_ok(xf):
+                out = self.dispatch(xf, gates, experts)
+            else:
+                out = self.grouped(xf, gates, experts)
         if self.record is not None:
             self.record.append({"logits": logits.detach().view(B, T, -1), "experts": experts.view(B, T, -1)})
         aux = {}
         if self.training or not _exporting():
             probs = torch.softmax(logits.float(), -1)
-            frac = F.one_hot(experts, cfg.n_experts).float().sum(1).mean(0) / cfg.top_e  # f_e
+            counts = torch.zeros(cfg.n_experts, device=x.device).index_add_(
+                0, experts.reshape(-1), torch.ones(experts.numel(), device=x.device))  # no one_hot: no value check
+            frac = counts / (experts.shape[0] * cfg.top_e)  # f_e: share of routed pairs per expert
             aux["balance"] = cfg.n_experts * (frac * probs.mean(0)).sum()
             aux["z"] = torch.logsumexp(logits.float(), -1).pow(2).mean()
         return out.view(B, T, d), experts.view(B, T, -1), aux
@@ -198,8 +237,13 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model)
         self.moe = MoE(cfg)
 
-    def forward(self, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos):
-        mem_k, mem_v = self.attn.kv(self.norm1(mem))  # (B, H, m, D)
+    def memory_kv(self, mem):
+        """The memory slots' keys/values (B, H, m, D): they depend on the memory alone, so one
+        segment needs them once for all its tokens and (shared block) all its K steps."""
+        return self.attn.kv(self.norm1(mem))
+
+    def forward(self, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None):
+        mem_k, mem_v = self.memory_kv(mem) if mem_kv is None else mem_kv  # (B, H, m, D)
         a, k, v, idx, w = self.attn(self.norm1(h), mem_k, mem_v, cache_k, cache_v, cache_valid,
                                     past_k, past_v, pos)
         h = h + a
@@ -291,10 +335,11 @@ class ReSSFormer(nn.Module):
             h = h + xc[:, kc - 1 - j: kc - 1 - j + T] * self.conv[j]
         return h, xc[:, xc.shape[1] - (kc - 1):]
 
-    def step(self, t: int, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos):
-        """One recurrent step: H^(t+1) from H^(t); also returns this piece's keys/values."""
+    def step(self, t: int, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None):
+        """One recurrent step: H^(t+1) from H^(t); also returns this piece's keys/values.
+        mem_kv: the memory's keys/values if already computed (Block.memory_kv)."""
         emb_t = self.step_embed.weight[min(t, self.config.n_steps - 1)]
-        return self.block_for(t)(h + emb_t, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos)
+        return self.block_for(t)(h + emb_t, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv)
 
     def head(self, h):
         return self.norm_f(h) @ self.embed.weight.t()  # tied output head, (B, T, V)
@@ -383,9 +428,12 @@ class ReSSFormer(nn.Module):
         h, conv = self.embed_tokens(tokens, state.conv, pos)
         ks, vs, bal, zl, struct = [], [], 0.0, 0.0, h.new_zeros(())
         prev = None
+        # one shared block: the memory's keys/values are the same at every step of the segment
+        mem_kv = self.blocks[0].memory_kv(state.memory) if cfg.shared else None
         for t in range(steps):
             h, k, v, idx, w, _, aux = self.step(t, h, state.memory, state.cache_k[t], state.cache_v[t],
-                                                state.cache_valid, state.past_k[t], state.past_v[t], pos)
+                                                state.cache_valid, state.past_k[t], state.past_v[t], pos,
+                                                mem_kv)
             ks.append(k)
             vs.append(v)
             bal, zl = bal + aux["balance"], zl + aux["z"]

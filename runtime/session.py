@@ -1,11 +1,17 @@
 """`ReSSFormerSession`: runs an exported ReSSFormer with ONNX Runtime.
 
-The session reads only the export folder's `ressformer.json` and `.onnx` files. It runs the
-unrolled K-step recurrence itself with the step graphs (K selectable at inference), carries
-the segment memory and per-step key/value caches across calls, streams and generates. State is
-a set of explicit input/output pairs (`RuntimeState`); on CUDA the state stays on the device
-as OrtValues bound with IO binding. A session holds no per-call state, so one session can
-serve several threads at once.
+The session reads only the export folder's `ressformer.json` and `.onnx` files and implements the
+loop of docs/runtime-contract.md. Two paths:
+
+* unrolled (default, for each K the export unrolled): a piece of a segment (one token when
+  decoding) is ONE run of `piece_kK.onnx` (embedding, K steps, head); a segment's end is one run of
+  `segment_end_kK.onnx` (memory refinement, next caches, the new memory's keys/values);
+* steps (any K, test-time depth): embed, K runs of `step.onnx`, head; K runs of `memory.onnx` at a
+  segment's end.
+
+State is a set of explicit input/output pairs (`RuntimeState`); on CUDA it stays on the device
+as OrtValues bound with IO binding. A session holds no per-call state, so one session can serve
+several threads at once.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .tokenizer import make_tokenizer
 
 SIDECAR = "ressformer.json"
 FORMAT = "ressformer-export"
-KNOWN_FORMAT_VERSIONS = (1,)
+KNOWN_FORMAT_VERSIONS = (2,)
 KNOWN_RESSFORMER_OPSETS = (1,)
 DOMAIN = "ressformer"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PATHS = ("unrolled", "steps")
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -42,25 +49,30 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class RuntimeState:
-    """Explicit recurrent state. pos: tokens consumed; conv (B, kernel-1, d); memory (B, m, d);
-    per step t: cache_k/v[t] (B, H, C, D), the previous segment's last C keys/values;
-    past_k/v[t] (B, H, P, D), the current segment's so far. Values are numpy arrays on CPU and
-    OrtValues on CUDA. `owner` ties the state to one model and step count."""
+    """Explicit recurrent state (docs/runtime-contract.md). pos: tokens consumed; conv
+    (B, kernel-1, d); memory (B, m, d); mem_k/mem_v (B, H, m, D): the memory's keys/values
+    (unrolled path; None on the steps path, whose graphs compute them); cache_k/v (S, B, H, C, D):
+    the previous segment's last C keys/values at each step; past_k/v (S, B, H, P, D): the current
+    segment's so far. Values are numpy arrays on CPU and OrtValues on CUDA. `owner` ties the state
+    to one model; `path` to the graphs that advance it."""
 
     pos: int
     conv: object
     memory: object
-    cache_k: tuple
-    cache_v: tuple
+    mem_k: object
+    mem_v: object
+    cache_k: object
+    cache_v: object
     cache_valid: int
-    past_k: tuple
-    past_v: tuple
+    past_k: object
+    past_v: object
     owner: str
     batch: int
+    path: str
 
     @property
     def steps(self) -> int:
-        return len(self.cache_k)
+        return _shape(self.cache_k)[0]
 
 
 class _Graph:
@@ -102,10 +114,13 @@ def _shape(v) -> tuple:
 
 class ReSSFormerSession:
     """Load an export folder. provider: cpu | cuda; threads: intra-op threads (None = ORT's
-    default); optimization: disable | basic | extended | all; steps: default K at inference."""
+    default); optimization: disable | basic | extended | all; steps: default K at inference
+    (default: the trained K); path: unrolled | steps (default: unrolled where the export has
+    graphs unrolled for K, else steps)."""
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", steps: int | None = None, verify_hashes: bool = True):
+                 optimization: str = "all", steps: int | None = None, verify_hashes: bool = True,
+                 path: str | None = None):
         self.dir = Path(export_dir)
         self.meta = self._read_sidecar()
         cfg = self.meta["config"]
@@ -116,7 +131,10 @@ class ReSSFormerSession:
         self.d_model, self.mem_slots = int(cfg["d_model"]), int(cfg["mem_slots"])
         self.conv_width = max(int(cfg["conv_kernel"]) - 1, 0)
         self.trained_steps = int(self.meta["steps"])
-        self.steps = self._check_steps(steps or self.trained_steps)
+        self.unrolled = {int(k): v for k, v in self.meta["unrolled"].items()}
+        self.steps = self._check_steps(self.trained_steps if steps is None else steps)
+        self.path = self._check_path(path)
+        self.generation = {**GENERATION_FALLBACK, **self.meta.get("generation", {})}
         self.tokenizer = make_tokenizer(self.meta["tokenizer"])
         self.fingerprint = self.meta["checkpoint_sha256"][:16]
         if provider not in PROVIDERS:
@@ -126,6 +144,8 @@ class ReSSFormerSession:
                              f"(available: {ort.get_available_providers()}); for CUDA install onnxruntime-gpu")
         if optimization not in OPT_LEVELS:
             raise ValueError(f"unknown optimization level {optimization!r}; use one of {sorted(OPT_LEVELS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.device = provider
 
         def options(spinning: bool) -> ort.SessionOptions:
@@ -140,40 +160,47 @@ class ReSSFormerSession:
             return opts
 
         # Each graph has its own intra-op thread pool, whose idle workers busy-wait (spin) after a
-        # run. The small graphs run between step-graph calls (embed, head, memory) and would steal a
-        # core from the step graph that runs next: they get workers that do not spin. Measured on 2
-        # cores (`small`, threads=2): decode 112 -> 214 tokens/s, step-graph prefill of 2048
-        # tokens 1284 -> 802 ms; model.onnx unchanged (docs/performance.md).
-        spin_graphs = ("step", "full")
+        # run. Graphs that run between the hot graph's calls (embed, head, memory, segment_end)
+        # would steal a core from it: they get workers that do not spin. Measured on 2 cores
+        # (`small`, threads=2, step path): decode 112 -> 214 tokens/s (docs/performance.md).
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         self.graphs: dict[str, _Graph] = {}
         for name, g in self.meta["graphs"].items():
             path = self.dir / g["file"]
             self._check_graph_file(name, path, g, verify_hashes)
-            self.graphs[name] = _Graph(path, options(name in spin_graphs), providers, provider)
+            spin = name == "step" or name.startswith("piece_k")
+            self.graphs[name] = _Graph(path, options(spin), providers, provider)
 
     # ---- loading and checks -----------------------------------------------------------------
     def _read_sidecar(self) -> dict:
         if not self.dir.is_dir():
-            raise ModelError(f"export folder {self.dir} does not exist")
+            raise ModelError(f"export folder {self.dir} does not exist or is not a folder")
         path = self.dir / SIDECAR
         if not path.is_file():
             raise ModelError(f"{self.dir} has no {SIDECAR}: not a ressformer export folder")
         try:
-            meta = json.loads(path.read_text())
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{path} is corrupted: {e}") from e
+        if not isinstance(meta, dict):
+            raise ModelError(f"{path} is not a ressformer sidecar (a JSON object is expected)")
         if meta.get("format") != FORMAT or meta.get("format_version") not in KNOWN_FORMAT_VERSIONS:
             raise ModelError(f"{path}: unknown export format {meta.get('format')!r} version "
-                             f"{meta.get('format_version')!r}; this runtime reads {FORMAT} {KNOWN_FORMAT_VERSIONS}")
+                             f"{meta.get('format_version')!r}; this runtime reads {FORMAT} {KNOWN_FORMAT_VERSIONS} "
+                             "(re-export the checkpoint with this version)")
         ops = meta.get("ressformer_opset", {})
-        if ops.get("version") not in KNOWN_RESSFORMER_OPSETS:
-            raise ModelError(f"{path}: unknown ressformer op-set version {ops.get('version')!r}; this "
-                             f"runtime knows versions {KNOWN_RESSFORMER_OPSETS}")
-        for key in ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256"):
+        if not isinstance(ops, dict) or ops.get("version") not in KNOWN_RESSFORMER_OPSETS:
+            raise ModelError(f"{path}: unknown ressformer op-set version "
+                             f"{ops.get('version') if isinstance(ops, dict) else ops!r}; this runtime knows versions "
+                             f"{KNOWN_RESSFORMER_OPSETS}")
+        for key in ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256", "unrolled", "model_sha256"):
             if key not in meta:
                 raise ModelError(f"{path} has no {key!r} entry")
-        missing = {"embed", "step", "head", "init", "memory"} - set(meta["graphs"])
+        if _model_hash(meta) != meta["model_sha256"]:
+            raise ModelError(f"{path} was edited: its model fields no longer match model_sha256 (only the "
+                             "'generation' defaults may be edited); re-export the checkpoint")
+        missing = {"init", "embed", "step", "head", "memory"} - set(meta["graphs"])
+        missing |= {n for names in meta["unrolled"].values() for n in names.values()} - set(meta["graphs"])
         if missing:
             raise ModelError(f"{path} names no graph for {sorted(missing)}")
         return meta
@@ -198,9 +225,22 @@ class ReSSFormerSession:
                                  f"knows versions {KNOWN_RESSFORMER_OPSETS}")
 
     def _check_steps(self, steps) -> int:
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be a positive integer (K, the recurrent depth), got {steps!r}")
         return int(steps)
+
+    def _check_path(self, path) -> str | None:
+        if path is not None and path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
+        return path
+
+    def path_for(self, steps: int, path: str | None = None) -> str:
+        """The graphs that run K = steps: unrolled where exported for this K, else steps."""
+        path = self._check_path(path) or self.path
+        if path == "unrolled" and steps not in self.unrolled:
+            raise ValueError(f"this export has unrolled graphs for K in {sorted(self.unrolled)}, not {steps}; "
+                             "use path='steps' or re-export with --steps")
+        return path or ("unrolled" if steps in self.unrolled else "steps")
 
     def check_tokens(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -215,28 +255,33 @@ class ReSSFormerSession:
             raise ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {self.vocab_size})")
         return tokens.astype(np.int64, copy=False)
 
-    def _check_state(self, state: RuntimeState, batch: int, steps: int):
+    def _check_state(self, state: RuntimeState, batch: int, steps: int, path: str):
         if not isinstance(state, RuntimeState):
-            raise TypeError(f"state must be a RuntimeState, got {type(state).__name__}")
+            raise TypeError(f"state must be a RuntimeState (from init_state or forward), got {type(state).__name__}")
         if state.owner != self.fingerprint:
             raise ValueError("state belongs to another model (checkpoint hash differs)")
         if state.batch != batch:
             raise ValueError(f"state has batch {state.batch} but tokens have batch {batch}")
         if state.steps != steps:
             raise ValueError(f"state was built for {state.steps} steps, asked to run {steps}")
+        if state.path != path:
+            raise ValueError(f"state was built for the {state.path} path, asked to run the {path} path")
 
     # ---- state ------------------------------------------------------------------------------
-    def init_state(self, batch: int = 1, steps: int | None = None) -> RuntimeState:
-        S = self._check_steps(steps or self.steps)
+    def init_state(self, batch: int = 1, steps: int | None = None, path: str | None = None) -> RuntimeState:
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        S = self._check_steps(self.steps if steps is None else steps)
+        path = self.path_for(S, path)
         H, D, C = self.n_heads, self.head_dim, self.cache_len
-        mem = self.graphs["init"].run({"tokens": np.zeros((batch, 1), np.int64)})["memory"]
+        r = self.graphs["init"].run({"tokens": np.zeros((batch, 1), np.int64)})
         z = lambda *s: self._dev(np.zeros(s, np.float32))  # noqa: E731
-        return RuntimeState(pos=0, conv=z(batch, self.conv_width, self.d_model), memory=mem,
-                            cache_k=tuple(z(batch, H, C, D) for _ in range(S)),
-                            cache_v=tuple(z(batch, H, C, D) for _ in range(S)), cache_valid=0,
-                            past_k=tuple(z(batch, H, 0, D) for _ in range(S)),
-                            past_v=tuple(z(batch, H, 0, D) for _ in range(S)),
-                            owner=self.fingerprint, batch=batch)
+        unrolled = path == "unrolled"
+        return RuntimeState(pos=0, conv=z(batch, self.conv_width, self.d_model), memory=r["memory"],
+                            mem_k=r["mem_k"] if unrolled else None, mem_v=r["mem_v"] if unrolled else None,
+                            cache_k=z(S, batch, H, C, D), cache_v=z(S, batch, H, C, D), cache_valid=0,
+                            past_k=z(S, batch, H, 0, D), past_v=z(S, batch, H, 0, D),
+                            owner=self.fingerprint, batch=int(batch), path=path)
 
     def _dev(self, arr: np.ndarray):
         if self.device == "cpu":
@@ -245,110 +290,171 @@ class ReSSFormerSession:
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, tokens, state: RuntimeState | None = None, steps: int | None = None,
-                full_graph: bool = False, diagnostics: list | None = None):
+                path: str | None = None, diagnostics: list | None = None):
         """tokens (B, T) -> (logits (B, T, V) float32, state). Any T: pieces are cut at segment
-        boundaries and the memory is updated at each segment's end. full_graph=True runs whole
-        segments through model.onnx (trained K only) and the rest through the step graphs."""
+        boundaries and the memory is updated at each segment's end. steps/path default to the
+        state's (or the session's). diagnostics: a list that receives, per piece and step, the
+        selected keys/weights and experts (the parity ladder's flip accounting)."""
         tokens = self.check_tokens(tokens)
         B, T = tokens.shape
-        steps = self._check_steps(steps or (state.steps if state is not None else self.steps))
+        if state is not None and not isinstance(state, RuntimeState):
+            raise TypeError(f"state must be a RuntimeState (from init_state or forward), got {type(state).__name__}")
+        steps = self._check_steps(steps if steps is not None else state.steps if state is not None else self.steps)
+        path = self.path_for(steps, path if path is not None else state.path if state is not None else None)
         if state is None:
-            state = self.init_state(B, steps)
-        self._check_state(state, B, steps)
+            state = self.init_state(B, steps, path)
+        self._check_state(state, B, steps, path)
+        run = self._piece_unrolled if path == "unrolled" else self._piece_steps
         out, i = [], 0
         while i < T:
-            off = state.pos % self.segment_len
-            n = min(T - i, self.segment_len - off)
-            piece = tokens[:, i:i + n]
-            if full_graph and off == 0 and n == self.segment_len and "full" in self.graphs \
-                    and steps == self.trained_steps:
-                logits, state = self._full_segment(piece, state)
-            else:
-                logits, state = self._piece(piece, state, diagnostics)
+            n = min(T - i, self.segment_len - state.pos % self.segment_len)
+            logits, state = run(tokens[:, i:i + n], state, diagnostics)
             out.append(_host(logits))
             i += n
-        return np.concatenate(out, 1), state
+        return (out[0] if len(out) == 1 else np.concatenate(out, 1)), state
 
-    def _piece(self, tokens, state: RuntimeState, diagnostics=None):
+    def _piece_unrolled(self, tokens, state: RuntimeState, diagnostics=None):
+        names = self.unrolled[state.steps]
+        r = self.graphs[names["piece"]].run(
+            {"tokens": tokens, "pos": np.array(state.pos, np.int64), "conv": state.conv, "mem_k": state.mem_k,
+             "mem_v": state.mem_v, "cache_k": state.cache_k, "cache_v": state.cache_v,
+             "cache_valid": np.array(state.cache_valid, np.int64), "past_k": state.past_k, "past_v": state.past_v},
+            None if diagnostics is not None else ["logits", "conv_out", "present_k", "present_v"])
+        if diagnostics is not None:
+            d = {k: _host(v) for k, v in r.items()}
+            diagnostics += [{"attn_idx": d["attn_idx"][t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
+                             "present_k": d["present_k"][t]} for t in range(state.steps)]
+        new = replace(state, pos=state.pos + tokens.shape[1], conv=r["conv_out"], past_k=r["present_k"],
+                      past_v=r["present_v"])
+        if new.pos % self.segment_len == 0:
+            e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k,
+                                                        "seg_v": new.past_v})
+            new = replace(new, memory=e["memory_out"], mem_k=e["mem_k_out"], mem_v=e["mem_v_out"],
+                          cache_k=e["cache_k_out"], cache_v=e["cache_v_out"], cache_valid=self.cache_len,
+                          past_k=self._empty_past(state), past_v=self._empty_past(state))
+        return r["logits"], new
+
+    def _empty_past(self, state: RuntimeState):
+        return self._dev(np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32))
+
+    def _piece_steps(self, tokens, state: RuntimeState, diagnostics=None):
         g = self.graphs
         e = g["embed"].run({"tokens": tokens, "conv": state.conv})
         h = e["h"]
         pos = np.array(state.pos, np.int64)
         valid = np.array(state.cache_valid, np.int64)
-        pk, pv = [], []
+        ck, cv, pk, pv = (_per_step(x) for x in (state.cache_k, state.cache_v, state.past_k, state.past_v))
+        present_k, present_v = [], []
         for t in range(state.steps):
             r = g["step"].run({"h": h, "step": np.array(t, np.int64), "pos": pos, "memory": state.memory,
-                               "cache_k": state.cache_k[t], "cache_v": state.cache_v[t],
-                               "cache_valid": valid, "past_k": state.past_k[t], "past_v": state.past_v[t]})
+                               "cache_k": ck[t], "cache_v": cv[t], "cache_valid": valid, "past_k": pk[t],
+                               "past_v": pv[t]})
             h = r["h_out"]
-            pk.append(r["present_k"])
-            pv.append(r["present_v"])
+            present_k.append(_host(r["present_k"]))
+            present_v.append(_host(r["present_v"]))
             if diagnostics is not None:
                 diagnostics.append({k: _host(v) for k, v in r.items()})
         logits = g["head"].run({"h": h})["logits"]
-        new = replace(state, pos=state.pos + tokens.shape[1], conv=e["conv_out"], past_k=tuple(pk),
-                      past_v=tuple(pv))
-        if new.pos % self.segment_len == 0:
-            new = self._end_segment(new)
+        new = replace(state, pos=state.pos + tokens.shape[1], conv=e["conv_out"],
+                      past_k=self._dev(np.stack(present_k)), past_v=self._dev(np.stack(present_v)))
+        if new.pos % self.segment_len == 0:  # refine the memory over the steps in order
+            mem, ck, cv = new.memory, [], []
+            for t in range(state.steps):
+                r = g["memory"].run({"memory": mem, "seg_k": present_k[t], "seg_v": present_v[t]})
+                mem = r["memory_out"]
+                ck.append(_host(r["cache_k_out"]))
+                cv.append(_host(r["cache_v_out"]))
+            new = replace(new, memory=mem, cache_k=self._dev(np.stack(ck)), cache_v=self._dev(np.stack(cv)),
+                          cache_valid=self.cache_len, past_k=self._empty_past(state), past_v=self._empty_past(state))
         return logits, new
 
-    def _end_segment(self, state: RuntimeState) -> RuntimeState:
-        """Refine the memory over the steps in order; take each step's cache for the next segment."""
-        mem, ck, cv = state.memory, [], []
-        for t in range(state.steps):
-            r = self.graphs["memory"].run({"memory": mem, "seg_k": state.past_k[t], "seg_v": state.past_v[t]})
-            mem = r["memory_out"]
-            ck.append(r["cache_k_out"])
-            cv.append(r["cache_v_out"])
-        empty = tuple(self._dev(np.zeros((state.batch, self.n_heads, 0, self.head_dim), np.float32))
-                      for _ in range(state.steps))
-        return replace(state, memory=mem, cache_k=tuple(ck), cache_v=tuple(cv), cache_valid=self.cache_len,
-                       past_k=empty, past_v=empty)
-
-    def _full_segment(self, tokens, state: RuntimeState):
-        r = self.graphs["full"].run({
-            "tokens": tokens, "conv": _host(state.conv), "memory": _host(state.memory),
-            "cache_k": np.stack([_host(c) for c in state.cache_k]),
-            "cache_v": np.stack([_host(c) for c in state.cache_v]),
-            "cache_valid": np.array(state.cache_valid, np.int64)})
-        S = state.steps
-        return r["logits"], replace(
-            state, pos=state.pos + tokens.shape[1], conv=self._dev(_host(r["conv_out"])),
-            memory=self._dev(_host(r["memory_out"])), cache_valid=self.cache_len,
-            cache_k=tuple(self._dev(_host(r["cache_k_out"])[t]) for t in range(S)),
-            cache_v=tuple(self._dev(_host(r["cache_v_out"])[t]) for t in range(S)))
-
     # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str | bytes] | None = None,
-                 steps: int | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time (batch 1). prompt: str or token ids. Prefill runs the
-        prompt in segment pieces; decoding feeds one token at a time with the per-step caches.
-        Generation ends after max_new_tokens or once the output ends with a stop sequence (str,
-        matched on its UTF-8 bytes, or bytes); the stop sequence is part of the output."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = np.asarray(prompt)
+    def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: list[str | bytes] | None = None, steps: int | None = None, path: str | None = None,
+                 repetition_penalty: float | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time (batch 1). prompt: str or 1-D token ids. Options left
+        None take the export's generation defaults (`generation` in ressformer.json). Prefill runs
+        the prompt in segment pieces; decoding feeds one token at a time. Generation ends after
+        max_new_tokens or once the output ends with a stop sequence (str, matched on its UTF-8
+        bytes, or bytes); the stop sequence is part of the output."""
+        for row in self.generate_batch([prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, steps,
+                                       path, repetition_penalty):
+            yield int(row[0])
+
+    def generate_batch(self, prompts, max_new_tokens: int | None = None, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       stop: list[str | bytes] | None = None, steps: int | None = None, path: str | None = None,
+                       repetition_penalty: float | None = None) -> Iterator[np.ndarray]:
+        """Generate for several prompts at once (rows may differ in length): yields, per new
+        position, an int64 array (B,) of token ids; a row that has stopped (stop sequence) yields
+        -1 from then on. Each prompt is prefilled on its own (the recurrent state has no padding),
+        then all rows decode together in one batch."""
+        o = self._generation_options(max_new_tokens, temperature, top_k, top_p, stop, repetition_penalty)
+        ids = [self._prompt_ids(p) for p in prompts]
+        if not ids:
+            raise ValueError("prompts is empty: give at least one prompt")
+        rng = np.random.default_rng(seed)
+        # The recurrent state has one position per batch, so rows advance in lockstep: prompts of
+        # equal length are prefilled and decoded together, one group (one ONNX Runtime run) each.
+        groups: dict[int, list[int]] = {}
+        for b, x in enumerate(ids):
+            groups.setdefault(len(x), []).append(b)
+        B = len(ids)
+        logits = np.zeros((B, self.vocab_size), np.float32)
+        states = {}
+        for n, rows in groups.items():
+            lg, states[n] = self.forward(np.stack([ids[b] for b in rows]), steps=steps, path=path)
+            logits[rows] = lg[:, -1]
+        seen = [set(x.tolist()) for x in ids]
+        tails, done = [b""] * B, np.zeros(B, bool)
+        stops, longest = o["stop"], max((len(s) for s in o["stop"]), default=0)
+        for _ in range(o["max_new_tokens"]):
+            if o["repetition_penalty"] != 1.0:
+                logits = _penalize(logits, seen, o["repetition_penalty"])
+            nxt = sample(logits, rng, o["temperature"], o["top_k"], o["top_p"])
+            yield np.where(done, -1, nxt)
+            for b in range(B):
+                if done[b]:
+                    continue
+                seen[b].add(int(nxt[b]))
+                if stops:
+                    tails[b] = (tails[b] + bytes([int(nxt[b])]))[-longest:]
+                    done[b] = any(tails[b].endswith(s) for s in stops)
+            if done.all():
+                return
+            for n, rows in groups.items():
+                if done[rows].all():
+                    continue
+                lg, states[n] = self.forward(nxt[rows, None], states[n])
+                logits[rows] = lg[:, -1]
+
+    def _prompt_ids(self, prompt) -> np.ndarray:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt)
         if ids.ndim != 1:
             raise ValueError(f"prompt must be a string or a 1-D sequence of token ids, got shape {ids.shape}")
         if ids.size == 0:
             raise ValueError("prompt is empty: generation needs at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        rng = np.random.default_rng(seed)
-        logits, state = self.forward(ids[None, :], steps=steps)
-        stops = [s if isinstance(s, bytes) else s.encode("utf-8") for s in (stop or []) if s]
-        tail = b""
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[:, -1], rng, temperature, top_k, top_p)
-            tok = int(nxt[0])
-            yield tok
-            if stops:
-                tail = (tail + bytes([tok]))[-max(len(s) for s in stops):]
-                if any(tail.endswith(s) for s in stops):
-                    return
-            logits, state = self.forward(nxt[:, None], state)
+        return self.check_tokens(ids[None])[0]
+
+    def _generation_options(self, max_new_tokens, temperature, top_k, top_p, stop, repetition_penalty) -> dict:
+        g = self.generation
+        o = {"max_new_tokens": g["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+             "temperature": g["temperature"] if temperature is None else temperature,
+             "top_k": g["top_k"] if top_k is None else top_k, "top_p": g["top_p"] if top_p is None else top_p,
+             "repetition_penalty": g["repetition_penalty"] if repetition_penalty is None else repetition_penalty,
+             "stop": g["stop"] if stop is None else stop}
+        check_sampling(o["temperature"], o["top_k"], o["top_p"])
+        n = o["max_new_tokens"]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+        rp = o["repetition_penalty"]
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        if isinstance(o["stop"], (str, bytes)) or not all(isinstance(s, (str, bytes)) for s in o["stop"]):
+            raise ValueError(f"stop must be a list of strings or bytes, got {o['stop']!r}")
+        o["stop"] = [s if isinstance(s, bytes) else s.encode("utf-8") for s in o["stop"] if s]
+        return o
 
     def generate_text(self, prompt: str, **kw) -> Iterator[str]:
         """Like `generate`, yielding decoded text as soon as characters complete."""
@@ -359,21 +465,22 @@ class ReSSFormerSession:
                 yield piece
 
     # ---- scoring ----------------------------------------------------------------------------
-    def score_stream(self, chunks, steps: int | None = None, full_graph: bool = True,
-                     progress=None) -> dict:
+    def score_stream(self, chunks, steps: int | None = None, path: str | None = None, progress=None) -> dict:
         """Bits per byte over a stream of byte chunks (any size). Memory stays bounded: one
         segment's logits at a time."""
         state, prev, nll, count = None, None, 0.0, 0
         buf = b""
         for chunk in chunks:
+            if not isinstance(chunk, (bytes, bytearray)):
+                raise TypeError(f"score_stream takes chunks of bytes, got {type(chunk).__name__}")
             buf += chunk
             while len(buf) >= self.segment_len:
                 seg, buf = buf[:self.segment_len], buf[self.segment_len:]
-                prev, state, nll, count = self._score_piece(seg, state, prev, nll, count, steps, full_graph)
+                prev, state, nll, count = self._score_piece(seg, state, prev, nll, count, steps, path)
                 if progress:
                     progress(len(seg))
         if buf:
-            prev, state, nll, count = self._score_piece(buf, state, prev, nll, count, steps, full_graph)
+            prev, state, nll, count = self._score_piece(buf, state, prev, nll, count, steps, path)
             if progress:
                 progress(len(buf))
         if count == 0:
@@ -382,9 +489,9 @@ class ReSSFormerSession:
         return {"bytes": count + 1, "predicted": count, "nll_nats": nll, "bits_per_byte": bpb,
                 "perplexity": math.exp(nll / count)}
 
-    def _score_piece(self, data: bytes, state, prev, nll, count, steps, full_graph):
+    def _score_piece(self, data: bytes, state, prev, nll, count, steps, path):
         ids = np.frombuffer(data, np.uint8).astype(np.int64)[None]
-        logits, state = self.forward(ids, state, steps=steps, full_graph=full_graph)
+        logits, state = self.forward(ids, state, steps=steps, path=path)
         lp = _log_softmax(logits[0])  # (T, V)
         if prev is not None:  # the previous piece's last position predicts this piece's first byte
             nll -= float(prev[ids[0, 0]])
@@ -393,6 +500,33 @@ class ReSSFormerSession:
             nll -= float(np.take_along_axis(lp[:-1], ids[0, 1:, None], 1).sum())
             count += ids.shape[1] - 1
         return lp[-1], state, nll, count
+
+
+GENERATION_FALLBACK = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64,
+                       "repetition_penalty": 1.0, "stop": []}
+
+
+def _model_hash(meta: dict) -> str:
+    """sha256 of the sidecar's model fields as canonical JSON: the exporter's `model_hash`."""
+    fields = {k: v for k, v in meta.items() if k not in ("model_sha256", "generation")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _per_step(x):
+    """(S, ...) state tensor -> a list of its S per-step tensors (host arrays)."""
+    x = _host(x)
+    return [x[t] for t in range(x.shape[0])]
+
+
+def _penalize(logits: np.ndarray, seen: list[set], penalty: float) -> np.ndarray:
+    """CTRL-style repetition penalty: a token already in the row's prompt or output has its logit
+    divided by `penalty` if positive, multiplied if negative."""
+    out = logits.astype(np.float64, copy=True)
+    for b, toks in enumerate(seen):
+        idx = np.fromiter(toks, np.int64)
+        v = out[b, idx]
+        out[b, idx] = np.where(v > 0, v / penalty, v * penalty)
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

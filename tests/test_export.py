@@ -18,7 +18,9 @@ def test_export_contents(tiny_export):
     meta = json.loads((tiny_export / "ressformer.json").read_text())
     assert meta["ressformer_opset"] == {"domain": "ressformer", "version": 1}
     assert meta["steps"] == 2 and meta["tokenizer"]["type"] == "bytes"
-    assert set(meta["graphs"]) == {"init", "embed", "step", "head", "memory", "full"}
+    assert set(meta["graphs"]) == {"init", "embed", "step", "head", "memory", "piece_k2", "segment_end_k2"}
+    assert meta["unrolled"] == {"2": {"piece": "piece_k2", "segment_end": "segment_end_k2"}}
+    assert meta["format_version"] == 2 and len(meta["model_sha256"]) == 64
     assert json.loads((tiny_export / "validation.json").read_text())["passed"]
     for name, g in meta["graphs"].items():
         path = tiny_export / g["file"]
@@ -27,7 +29,7 @@ def test_export_contents(tiny_export):
         assert m.ir_version <= 10
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # no extra library
         assert [i.name for i in m.graph.input] == [i["name"] for i in g["inputs"]]
-        if name in ("step", "full", "memory"):
+        if name in ("step", "piece_k2", "segment_end_k2", "memory"):
             ops = {n.op_type for n in m.graph.node if n.domain == "ressformer"}
             assert "TopKAttention" in ops
             funcs = {f.name for f in m.functions if f.domain == "ressformer"}
@@ -40,11 +42,11 @@ def test_export_contents(tiny_export):
 
 
 def test_weights_stored_once(tiny_checkpoint, tiny_export):
-    """model.onnx unrolls K steps but holds the shared block's weights once."""
+    """piece_k2.onnx unrolls K steps but holds the shared block's weights once."""
     from ressformer import load_checkpoint
 
     model = load_checkpoint(tiny_checkpoint)
-    full = onnx.load(str(tiny_export / "model.onnx"))
+    full = onnx.load(str(tiny_export / "piece_k2.onnx"))
     init_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in full.graph.initializer)
     param_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert init_bytes < 1.5 * param_bytes
@@ -91,9 +93,9 @@ def test_broken_export_fails_and_leaves_nothing(tiny_checkpoint, tmp_path, monke
 
     real = ex._export_graph
 
-    def broken(model, name, spec, cfg, steps, opset):
-        proto = real(model, name, spec, cfg, steps, opset)
-        if name == "head":
+    def broken(model, name, spec, cfg, opset):
+        proto = real(model, name, spec, cfg, opset)
+        if name in ("head", "piece_k2"):
             w = next(t for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).size > 1000)
             arr = onnx.numpy_helper.to_array(w).copy()
             arr.flat[0] += 0.5

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from ressformer.export.exporter import model_hash
 from ressformer.runtime import ModelError, ReSSFormerSession
 
 from ressformer import load_checkpoint
@@ -46,12 +47,89 @@ def test_whole_equals_torch(sess, model, B, T):
     assert st.pos == T
 
 
-def test_full_graph_equals_step_graphs(sess):
+def test_unrolled_graphs_equal_step_graphs(sess):
     x = toks(2, 100, seed=3)
     a, sa = sess.forward(x)
-    b, sb = sess.forward(x, full_graph=True)
+    b, sb = sess.forward(x, path="steps")
+    assert (sa.path, sb.path) == ("unrolled", "steps")
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(sa.memory, sb.memory, atol=1e-5)
+    np.testing.assert_allclose(sa.cache_k, sb.cache_k, atol=1e-5)
+    with pytest.raises(ValueError, match="steps path"):
+        sess.forward(x[:, :1], sb, path="unrolled")
+
+
+class CountingRuns:
+    """Counts ONNX Runtime runs per graph of a session."""
+
+    def __init__(self, sess, monkeypatch):
+        self.calls = {}
+        for name, g in sess.graphs.items():
+            real = g.run
+
+            def run(feeds, outputs=None, name=name, real=real):
+                self.calls[name] = self.calls.get(name, 0) + 1
+                return real(feeds, outputs)
+
+            monkeypatch.setattr(g, "run", run)
+
+
+def test_one_run_per_decoded_token(sess, monkeypatch):
+    """Decoding on the unrolled path is one run per token, plus one per finished segment."""
+    _, st = sess.forward(toks(1, 5))
+    runs = CountingRuns(sess, monkeypatch)
+    n = 3 * sess.segment_len
+    for i in range(n):
+        _, st = sess.forward(toks(1, 1, seed=i), st)
+    assert runs.calls == {"piece_k2": n, "segment_end_k2": 3}
+
+
+def test_steps_other_than_unrolled_need_step_graphs(sess):
+    with pytest.raises(ValueError, match="unrolled graphs for K in"):
+        sess.forward(toks(1, 3), steps=3, path="unrolled")
+    _, st = sess.forward(toks(1, 3), steps=3)
+    assert st.path == "steps"
+
+
+@pytest.mark.parametrize("bad,err", [({}, TypeError), ([], TypeError), ("state", TypeError)])
+def test_bad_state_is_a_clear_error(sess, bad, err):
+    with pytest.raises(err, match="RuntimeState"):
+        sess.forward(toks(1, 3), bad)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True])
+def test_bad_steps(sess, steps):
+    with pytest.raises(ValueError, match="positive integer"):
+        sess.forward(toks(1, 3), steps=steps)
+
+
+def test_edited_sidecar_is_refused(tiny_export, tmp_path):
+    d = tmp_path / "ex"
+    shutil.copytree(tiny_export, d)
+    meta = json.loads((d / "ressformer.json").read_text())
+    meta["generation"]["temperature"] = 0.5  # the generation defaults are editable
+    (d / "ressformer.json").write_text(json.dumps(meta))
+    assert ReSSFormerSession(d).generation["temperature"] == 0.5
+    meta["config"]["segment_len"] = 16  # a model field is not
+    (d / "ressformer.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="edited"):
+        ReSSFormerSession(d)
+
+
+def test_batch_generation_matches_single_rows(sess):
+    prompts = ["Hello", "Hi", "Hey there", "Hallo"]
+    kw = dict(max_new_tokens=12, temperature=0)
+    rows = np.stack(list(sess.generate_batch(prompts, **kw)), 1)  # (B, N)
+    for p, row in zip(prompts, rows):
+        assert row.tolist() == list(sess.generate(p, **kw))
+
+
+def test_repetition_penalty_changes_greedy_output(sess):
+    a = list(sess.generate("aaaa", max_new_tokens=16, temperature=0))
+    b = list(sess.generate("aaaa", max_new_tokens=16, temperature=0, repetition_penalty=5.0))
+    assert a != b
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        list(sess.generate("a", repetition_penalty=0))
 
 
 @pytest.mark.parametrize("splits", [[1] * 40, [5, 30, 1, 33]])
@@ -197,6 +275,7 @@ def test_unknown_opset_inside_graph(tiny_export, tmp_path):
     onnx.save(m, str(d / "head.onnx"))
     meta = json.loads((d / "ressformer.json").read_text())
     meta["graphs"]["head"]["sha256"] = hashlib.sha256((d / "head.onnx").read_bytes()).hexdigest()
+    meta["model_sha256"] = model_hash(meta)  # re-signed: only the graph's own opset import betrays it
     (d / "ressformer.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="version 7"):
         ReSSFormerSession(d)
