@@ -177,6 +177,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file atomically: a temporary sibling (mode from the umask), fsync, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)  # temporary files of dead writers
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
