@@ -302,7 +302,8 @@ def train(tc: TrainConfig, log=print) -> dict:
     cfg, seq_len = model_config(tc)
     tc = dataclasses.replace(tc, seq_len=seq_len)
     meta = read_meta(ckpt := find_checkpoint(tc.resume)) if tc.resume else None
-    check_out(tc, ckpt if meta is not None else None)
+    if master:  # rank 0 writes; other ranks would race with its first writes
+        check_out(tc, ckpt if meta is not None else None)
     train_data, val_data = load_data(tc, seq_len)
     train_fp = D.fingerprint(train_data)
     if meta is not None:
