@@ -102,6 +102,9 @@ class Group(click.Group):
         command = next((a for a in args if a in self.list_commands(None)), None)
         try:
             rv = super().main(args, prog_name or "ressformer", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `ressformer`: the help
+            click.echo(e.ctx.get_help() if e.ctx else e.format_message())
+            sys.exit(2)
         except BrokenPipeError:
             sys.stderr.close()  # e.g. `ressformer generate ... | head`: not an error
             sys.exit(1)

@@ -66,7 +66,7 @@ def recover(final: str | os.PathLike) -> list[str]:
 
     Only leftovers of processes that are no longer running are touched: a running writer's
     temporary folder is its own."""
-    final = Path(final)
+    final = Path(final).absolute()
     done = []
     for path, kind, pid in sorted(_leftovers(final), key=lambda t: t[1] != "old"):
         if pid_alive(pid):
@@ -89,7 +89,7 @@ def _remove(path: Path) -> None:
 
 def make_tmp_dir(final: str | os.PathLike) -> Path:
     """A new empty sibling folder of `final`, named for this process, with the umask's mode."""
-    final = Path(final)
+    final = Path(final).absolute()  # `.` and `x/..` have no usable name otherwise
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, dir_mode())
@@ -123,7 +123,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
     """Move the complete folder `tmp` to `final`. An existing `final` is replaced only with
     overwrite, through a backup (see the module docstring); an error in between puts the old
     version back, a kill in between is undone by the next `recover(final)`."""
-    tmp, final = Path(tmp), Path(final)
+    tmp, final = Path(tmp), Path(final).absolute()
     apply_umask(tmp)
     if not (final.exists() or final.is_symlink()):
         _step("install")
@@ -151,7 +151,7 @@ class atomic_dir:
     (replace_dir); on an exception it is removed and `final` is untouched."""
 
     def __init__(self, final: str | os.PathLike, overwrite: bool = True):
-        self.final, self.overwrite = Path(final), overwrite
+        self.final, self.overwrite = Path(final).absolute(), overwrite
 
     def __enter__(self) -> Path:
         recover(self.final)

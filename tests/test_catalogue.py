@@ -383,3 +383,19 @@ def test_api_bad_input(w, case, monkeypatch):
 
 def test_catalogue_size():
     assert len(CLI) + len(API) >= 60
+
+
+def test_every_option_has_help_and_choices_are_choices():
+    import click
+
+    ctx = click.Context(main)
+    names = main.list_commands(ctx)
+    assert {"init", "train", "export", "parity", "generate", "score", "bench", "evaluate", "mqar", "demo"} <= set(names)
+    for name in names:
+        cmd = main.get_command(ctx, name)
+        opts = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+        assert all(p.help for p in opts.values()), (name, [n for n, p in opts.items() if not p.help])
+        assert "threads" in opts, name  # every command computes
+        for choice in ("preset", "provider", "dtype"):
+            if choice in opts:
+                assert isinstance(opts[choice].type, click.Choice), (name, choice)
