@@ -9,6 +9,7 @@ the parameter types below (ranges, finiteness, choices), before any work starts.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -70,8 +71,12 @@ def describe(e: BaseException, command: str | None) -> str:
         return f"missing Python module {e.name!r}: reinstall ressformer (pip install -e '.[torch]')"
     if isinstance(e, MemoryError):
         return "out of memory: use a smaller batch, sequence length or model"
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.strerror:
+        fix = {errno.ENOSPC: "free some space or write elsewhere", errno.EACCES: "check its permissions or "
+               "write elsewhere", errno.EPERM: "check its permissions or write elsewhere",
+               errno.EROFS: "write elsewhere", errno.ENOTDIR: "a file stands where a folder is expected",
+               errno.EISDIR: "a folder stands where a file is expected"}.get(e.errno)
+        return f"{e.filename + ': ' if e.filename else ''}{e.strerror}{'; ' + fix if fix else ''}"
     if isinstance(e, KeyError):
         return f"missing entry {e}"
     text = str(e) or type(e).__name__

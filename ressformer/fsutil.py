@@ -11,6 +11,7 @@ The protocol for a folder FINAL (a checkpoint, an export):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -87,10 +88,25 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of `path` if it is a file (so `path` cannot be made), else None."""
+    for a in Path(path).absolute().parents:
+        if a.exists():
+            return None if a.is_dir() else a
+    return None
+
+
+def make_parent(path: Path) -> None:
+    """mkdir -p the parent of `path`; a file on the way is an ENOTDIR error naming that file."""
+    if (a := file_in_the_way(path)) is not None:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(a))
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_tmp_dir(final: str | os.PathLike) -> Path:
     """A new empty sibling folder of `final`, named for this process, with the umask's mode."""
     final = Path(final).absolute()  # `.` and `x/..` have no usable name otherwise
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, dir_mode())
     return tmp
@@ -176,7 +192,7 @@ class atomic_dir:
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file atomically: a temporary sibling (mode from the umask), fsync, then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     recover(path)  # temporary files of dead writers
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:

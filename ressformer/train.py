@@ -242,6 +242,8 @@ def check_out(tc: TrainConfig, resumed: Path | None) -> None:
     out = Path(tc.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the run")
+    if (f := fsutil.file_in_the_way(out)) is not None:
+        raise ValueError(f"--out {out}: {f} is a file, not a folder; give another run folder")
     fsutil.recover(out / CKPT_DIR)
     existing = [n for n in (CKPT_DIR, METRICS_FILE) if (out / n).exists()]
     own = resumed is not None and resumed.resolve().parent == out.resolve()

@@ -117,6 +117,7 @@ CLI = [
     ("init-nonempty-dir", lambda w: ["init", S(w.full)], 2, "already holds files"),
     ("init-existing-ckpt", lambda w: ["init", S(w.ck)], 2, "already holds a checkpoint"),
     ("init-file-as-dir", lambda w: ["init", S(w.file)], 2, "is a file"),
+    ("init-parent-is-file", lambda w: ["init", S(w.file / "ck")], 1, "Not a directory"),
     ("init-seed-text", lambda w: ["init", S(w.odd / "ck"), "--seed", "abc"], 2, "abc"),
     ("init-threads-0", lambda w: ["init", S(w.odd / "ck"), "--threads", "0"], 2, "--threads must be >= 1"),
     # train
@@ -133,6 +134,7 @@ CLI = [
     ("train-empty-data", lambda w: ["train", S(w.empty), "--out", S(w.odd / "r")], 2, "is empty"),
     ("train-existing-run", lambda w: ["train", S(w.text), "--steps", "2", "--out", S(w.run)], 2, "--resume"),
     ("train-out-file", lambda w: ["train", S(w.text), "--out", S(w.file)], 2, "is a file"),
+    ("train-out-under-file", lambda w: ["train", S(w.text), "--out", S(w.file / "run")], 2, "is a file"),
     ("train-resume-missing", lambda w: ["train", "--resume", S(w.root / "nowhere")], 2, "does not exist"),
     ("train-resume-untrained", lambda w: ["train", S(w.text), "--resume", S(w.ck), "--out", S(w.odd / "r")], 2,
      "not a training checkpoint"),
@@ -164,6 +166,7 @@ CLI = [
      "unsupported quantization"),
     ("export-nonempty-out", lambda w: ["export", S(w.ck), "--out", S(w.full)], 1, "not empty"),
     ("export-out-file", lambda w: ["export", S(w.ck), "--out", S(w.file)], 2, "is a file"),
+    ("export-parent-is-file", lambda w: ["export", S(w.ck), "--out", S(w.file / "o")], 1, "cannot create"),
     ("export-truncated", lambda w: ["export", S(w.trunc), "--out", S(w.odd / "o")], 1, "corrupted"),
     ("export-truncated-nohash", lambda w: ["export", S(w.trunc_nohash), "--out", S(w.odd / "o")], 1,
      "cannot read model.safetensors"),
@@ -180,6 +183,8 @@ CLI = [
      "input"),
     ("parity-json-exists", lambda w: ["parity", S(w.ck), S(w.ex), "--json", S(w.existing_json)], 2,
      "--overwrite"),
+    ("parity-json-parent-file", lambda w: ["parity", S(w.ck), S(w.ex), "--json", S(w.file / "p.json")], 2,
+     "is a file"),
     ("parity-export-as-ckpt", lambda w: ["parity", S(w.ex), S(w.ex)], 1, "config.json"),
     # generate
     ("generate-top-k-300", lambda w: ["generate", S(w.ex), "--top-k", "-300"], 2, "--top-k must be >= 0"),
