@@ -404,3 +404,19 @@ def test_every_option_has_help_and_choices_are_choices():
         for choice in ("preset", "provider", "dtype"):
             if choice in opts:
                 assert isinstance(opts[choice].type, click.Choice), (name, choice)
+
+
+def test_the_suggested_fix_works(tmp_path, monkeypatch):
+    """`init` refuses an existing checkpoint; with the --overwrite it suggests, the checkpoint is
+    replaced (atomically), with no debris and the umask's modes."""
+    from ressformer import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "ü ck"
+    assert CliRunner().invoke(main, ["-q", "init", S(ck), "--seed", "1"]).exit_code == 0
+    r = CliRunner().invoke(main, ["init", S(ck), "--seed", "2"])
+    assert r.exit_code == 2 and "--overwrite" in error_line(r)
+    r = CliRunner().invoke(main, ["-q", "init", S(ck), "--seed", "2", "--overwrite"])
+    assert r.exit_code == 0 and r.output.startswith("wrote")
+    assert json.loads((ck / "config.json").read_text())["seed"] == 2 and load_checkpoint(ck) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ü ck"]
