@@ -43,12 +43,12 @@ def _options(threads=None, optimization="all", profile_prefix=None, spinning=Non
 
 def session_with(export_dir, **opt_kw) -> ReSSFormerSession:
     """A ReSSFormerSession whose graphs use custom SessionOptions (same files, same behaviour).
-    spinning=None does what the runtime does: spinning workers for step/full only."""
+    spinning=None does what the runtime does: spinning workers for step/piece graphs only."""
     sess = ReSSFormerSession(export_dir, threads=opt_kw.get("threads"))
     for name, g in sess.meta["graphs"].items():
         kw = dict(opt_kw)
         if kw.get("spinning") is None:
-            kw["spinning"] = name in ("step", "full")
+            kw["spinning"] = name == "step" or name.startswith("piece_k")
         if kw.get("profile_prefix"):
             kw["profile_prefix"] = f"{kw['profile_prefix']}_{name}"
         if kw.get("optimized_path"):
@@ -70,52 +70,95 @@ def saved_optimized_export(export_dir, out_dir, threads=None) -> Path:
     return out_dir
 
 
-def workloads(sess, length, decode, seed=0):
+def workloads(sess, length, decode, seed=0, setup=None):
+    """Prefill and decode callables on `sess`; the decode's prompt states are made with `setup`
+    (another session of the same export, so a profiled session records the workload alone)."""
+    setup = setup or sess
     rng = np.random.default_rng(seed)
     V, L = sess.vocab_size, sess.segment_len
     x = rng.integers(0, V, (1, length))
     prompt = rng.integers(0, V, (1, max(L // 2, 1)))
     toks = [rng.integers(0, V, (1, 1)) for _ in range(decode)]
-    _, st0 = sess.forward(prompt)
+    _, st0 = setup.forward(prompt)
+
+    _, st0_steps = setup.forward(prompt, path="steps")
 
     def prefill():
-        sess.forward(x, full_graph=True)
+        sess.forward(x, path="unrolled")
 
     def prefill_steps():
-        sess.forward(x, full_graph=False)
+        sess.forward(x, path="steps")
 
-    def dec():
+    def dec(st0=st0):
         st = st0
         for t in toks:
             _, st = sess.forward(t, st)
 
-    return {"prefill": prefill, "prefill_steps": prefill_steps, "decode": dec}
+    return {"prefill": prefill, "prefill_steps": prefill_steps, "decode": dec,
+            "decode_steps": lambda: dec(st0_steps)}
 
 
-def profile(export_dir, length=2048, decode=64, threads=None, workdir=None) -> dict:
-    """Run prefill (model.onnx), prefill (step graphs) and decode under ORT's profiler; return
-    the kernel time per op type and per graph for each."""
-    out = {}
+def matmul_flops(ev_args: dict) -> float:
+    """FLOPs (multiply-add = 2) of one profiled MatMul-like node from its input/output shapes."""
+    op = ev_args.get("op_name", "")
+    if op not in ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
+        return 0.0
+    ins = [next(iter(d.values())) for d in ev_args.get("input_type_shape", [])]
+    outs = [next(iter(d.values())) for d in ev_args.get("output_type_shape", [])]
+    if not ins or not outs or len(ins[0]) < 1 or len(outs[0]) < 1:
+        return 0.0
+    a, y = ins[0], outs[0]
+    if len(a) >= 2 and len(y) >= 2 and a[-2] != y[-2]:
+        k = a[-2]  # A transposed (FusedMatMul transA / Gemm transA)
+    else:
+        k = a[-1]
+    return 2.0 * float(np.prod(y)) * k
+
+
+def profiled(sess_factory, workload: str, length=2048, decode=64, workdir=None, setup=None) -> dict:
+    """Run one workload under ORT's profiler: kernel time per op type and graph, node count, the
+    FLOPs of every MatMul-like node actually executed, and ONNX Runtime runs per graph."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ressformer-prof-"))
-    for wl in ("prefill", "prefill_steps", "decode"):
-        sess = session_with(export_dir, threads=threads, profile_prefix=workdir / wl)
-        fns = workloads(sess, length, decode)
-        t0 = time.perf_counter()
-        fns[wl]()
-        wall = time.perf_counter() - t0
-        by_op, by_graph = defaultdict(float), defaultdict(float)
-        for name, g in sess.graphs.items():
-            path = g.sess.end_profiling()
-            for ev in json.loads(Path(path).read_text()):
-                if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-                    us = float(ev.get("dur", 0))
-                    by_op[ev.get("args", {}).get("op_name", "?")] += us
-                    by_graph[name] += us
-        total = sum(by_op.values())
-        out[wl] = {"wall_s": wall, "kernel_s": total / 1e6,
-                   "by_op": {k: v / 1e6 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
-                   "by_graph": {k: v / 1e6 for k, v in sorted(by_graph.items(), key=lambda kv: -kv[1])}}
-    return out
+    sess = sess_factory(workdir / workload)
+    fns = workloads(sess, length, decode, setup=setup)
+    runs = defaultdict(int)
+    for name, g in sess.graphs.items():
+        real = g.run
+
+        def counted(feeds, outputs=None, name=name, real=real):
+            runs[name] += 1
+            return real(feeds, outputs)
+
+        g.run = counted
+    t0 = time.perf_counter()
+    fns[workload]()
+    wall = time.perf_counter() - t0
+    by_op, by_graph, flops, nodes = defaultdict(float), defaultdict(float), 0.0, 0
+    for name, g in sess.graphs.items():
+        path = g.sess.end_profiling()
+        for ev in json.loads(Path(path).read_text()):
+            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                us = float(ev.get("dur", 0))
+                args = ev.get("args", {})
+                by_op[args.get("op_name", "?")] += us
+                by_graph[name] += us
+                flops += matmul_flops(args)
+                nodes += 1
+    total = sum(by_op.values())
+    return {"wall_s": wall, "kernel_s": total / 1e6, "flops": flops, "nodes_executed": nodes,
+            "runs": dict(runs), "by_op": {k: v / 1e6 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+            "by_graph": {k: v / 1e6 for k, v in sorted(by_graph.items(), key=lambda kv: -kv[1])}}
+
+
+def profile(export_dir, length=2048, decode=64, threads=None, workdir=None,
+            workloads_=("prefill", "prefill_steps", "decode", "decode_steps")) -> dict:
+    """Run prefill and decode on both paths (unrolled graphs, step graphs) under ORT's profiler;
+    return, for each, the kernel time per op type and per graph, the executed MatMul FLOPs, the
+    executed node count and the runs per graph (see `profiled`)."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ressformer-prof-"))
+    setup = ReSSFormerSession(export_dir, threads=threads)
+    return {wl: profiled(lambda prefix: session_with(export_dir, threads=threads, profile_prefix=prefix), wl,
+                         length, decode, workdir, setup) for wl in workloads_}
 
 
 def sweep(export_dir, length=2048, decode=64, threads=2, repeats=3) -> list[dict]:
@@ -166,7 +209,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     rep = {"profile": profile(a.export_dir, a.length, a.decode, a.threads)}
     for wl, r in rep["profile"].items():
-        print(f"\n{wl}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {r['kernel_s'] * 1e3:.1f} ms; by graph: "
+        print(f"\n{wl}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {r['kernel_s'] * 1e3:.1f} ms, "
+              f"{r['nodes_executed']} nodes, {r['flops'] / 1e6:.1f} MFLOP (MatMul), runs {r['runs']}; by graph: "
               + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["by_graph"].items()))
         for op, s in list(r["by_op"].items())[:a.top]:
             print(f"  {op:24} {s * 1e3:9.2f} ms  {100 * s / r['kernel_s']:5.1f}%")

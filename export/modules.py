@@ -145,7 +145,7 @@ def example_inputs(name: str, cfg, batch: int = 2, length: int = 3, past: int = 
         seg = max(cfg.top_k, cfg.cache_len, 4) + 1
         return (r(batch, m, d), r(batch, H, seg, D), r(batch, H, seg, D))
     if name.startswith("piece_k"):
-        S, P = int(name[len("piece_k"):]), past
+        S, P = int(name.rsplit("_k", 1)[1]), past
         return (tok, torch.tensor(5), r(batch, w, d), r(batch, H, m, D), r(batch, H, m, D), r(S, batch, H, C, D),
                 r(S, batch, H, C, D), torch.tensor(C), r(S, batch, H, P, D), r(S, batch, H, P, D))
     if name.startswith("segment_end_k"):

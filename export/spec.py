@@ -35,9 +35,12 @@ class GraphSpec:
                 "outputs": [j(o) for o in self.outputs]}
 
 
+UNROLLED_ROLES = ("piece", "segment_end")
+
+
 def unrolled_names(steps: int) -> tuple[str, str]:
-    """Names of the two graphs that run a model with K = steps unrolled: (piece, segment_end)."""
-    return f"piece_k{steps}", f"segment_end_k{steps}"
+    """Names of the graphs that run a model with K = steps unrolled: (piece, segment_end)."""
+    return tuple(f"{role}_k{steps}" for role in UNROLLED_ROLES)
 
 
 def graph_specs(cfg, steps_list=(None,)) -> dict[str, GraphSpec]:
@@ -81,20 +84,20 @@ def graph_specs(cfg, steps_list=(None,)) -> dict[str, GraphSpec]:
         S = steps
         skv = lambda n, ax, S=S: IO(n, f, (S, "batch", H, ax, D))  # noqa: E731
         piece, end = unrolled_names(S)
+        ins = (IO("tokens", i64, ("batch", "length")), IO("pos", i64, ()), IO("conv", f, ("batch", w, d)),
+               kv("mem_k", m), kv("mem_v", m), skv("cache_k", C), skv("cache_v", C),
+               IO("cache_valid", i64, ()), skv("past_k", "past"), skv("past_v", "past"))
+        outs = (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
+                skv("present_k", "present"), skv("present_v", "present"),
+                IO("attn_idx", i64, (S, "batch", H, "length", "topk")),
+                IO("attn_w", f, (S, "batch", H, "length", "topk")),
+                IO("experts", i64, (S, "batch", "length", cfg.top_e)))
         specs += [
-            GraphSpec(piece, f"{piece}.onnx",
-                      (IO("tokens", i64, ("batch", "length")), IO("pos", i64, ()), IO("conv", f, ("batch", w, d)),
-                       kv("mem_k", m), kv("mem_v", m), skv("cache_k", C), skv("cache_v", C),
-                       IO("cache_valid", i64, ()), skv("past_k", "past"), skv("past_v", "past")),
-                      (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
-                       skv("present_k", "present"), skv("present_v", "present"),
-                       IO("attn_idx", i64, (S, "batch", H, "length", "topk")),
-                       IO("attn_w", f, (S, "batch", H, "length", "topk")),
-                       IO("experts", i64, (S, "batch", "length", cfg.top_e))),
-                      f"a piece of a segment (1 token when decoding, up to the rest of the segment when "
-                      f"prefilling) through embedding, K={S} unrolled steps and the head in one run; "
-                      "present = past followed by the piece's keys/values (present = past + length); "
-                      "attn_idx/attn_w/experts are diagnostics (parity flip accounting)"),
+            GraphSpec(piece, f"{piece}.onnx", ins, outs,
+                      f"a piece of a segment (up to the rest of the segment) through embedding, K={S} "
+                      "unrolled steps and the head in one run; present = past followed by the piece's "
+                      "keys/values (present = past + length); attn_idx/attn_w/experts are diagnostics "
+                      "(parity flip accounting)"),
             GraphSpec(end, f"{end}.onnx",
                       (IO("memory", f, ("batch", m, d)), skv("seg_k", "segment"), skv("seg_v", "segment")),
                       (IO("memory_out", f, ("batch", m, d)), kv("mem_k_out", m), kv("mem_v_out", m),

@@ -179,11 +179,11 @@ def expert_flips(rec: dict, ort_experts: np.ndarray):
 
 # ---- the ladder ---------------------------------------------------------------------------------
 class Ladder:
-    def __init__(self, model, export_dir, provider="cpu", mode=None, progress=None):
+    def __init__(self, model, export_dir, provider="cpu", mode=None, progress=None, threads=None):
         self.model = model.eval()
         self.cfg = model.config
         self.dir = export_dir
-        self.sess = ReSSFormerSession(export_dir, provider=provider)
+        self.sess = ReSSFormerSession(export_dir, provider=provider, threads=threads)
         meta = self.sess.meta
         self.mode = mode or ("int8" if meta.get("quantize") == "int8" else meta.get("dtype", "fp32"))
         self.tol = TOLERANCES[self.mode]
@@ -304,10 +304,10 @@ class Ladder:
             row.passed = False
             row.note = f"flip with margin {max_margin:.2e} >= eps {self.eps:.0e}"
         if check_state and first_flip is None:
-            self.add(compare(rung, case, "memory", _h(o_state.memory), t_state.memory.numpy(), self.tol[rung]))
+            self.add(compare(rung, case, "memory", _h(o_state.memory), t_state.memory.detach().numpy(), self.tol[rung]))
             for t in range(steps):
                 self.add(compare(rung, case, f"cache_k[{t}]", _h(o_state.cache_k)[t],
-                                 t_state.cache_k[t].numpy(), self.tol[rung]))
+                                 t_state.cache_k[t].detach().numpy(), self.tol[rung]))
             if o_state.mem_k is not None:  # the unrolled path carries the memory's keys/values
                 with torch.no_grad():
                     mk, mv = model.blocks[0].memory_kv(t_state.memory)
@@ -475,9 +475,9 @@ def _op_model(op_name, funcs, opset, cfg) -> onnx.ModelProto:
 
 # ---- entry points ---------------------------------------------------------------------------------
 def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None, provider="cpu",
-               generate_tokens=128, progress=None, mode=None) -> dict:
+               generate_tokens=128, progress=None, mode=None, threads=None) -> dict:
     """The whole ladder (the `ressformer parity` command). Returns the report as a dict."""
-    lad = Ladder(model, export_dir, provider=provider, mode=mode, progress=progress)
+    lad = Ladder(model, export_dir, provider=provider, mode=mode, progress=progress, threads=threads)
     cfg = model.config
     k, L = cfg.top_k, cfg.segment_len
     lengths = lengths or sorted({1, max(k - 1, 1), k, k + 1, 257, 2 * L + 3})

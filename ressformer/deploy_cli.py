@@ -36,7 +36,7 @@ SIDECAR_KEYS = ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256")
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="export folder to create")
-@click.option("--opset", default=18, show_default=True, type=Int(18, 23), help="default-domain ONNX opset (18-23)")
+@click.option("--opset", default=20, show_default=True, type=Int(18, 23), help="default-domain ONNX opset (18-23)")
 @click.option("--dtype", default="fp32", show_default=True, type=Choice(["fp32", "fp16"], "unsupported dtype"),
               help="fp16: weights stored as float16 (computation stays float32)")
 @click.option("--quantize", default=None, type=Choice(["int8"], "unsupported quantization"),
@@ -89,7 +89,7 @@ def parity(checkpoint, export_dir, json_out, overwrite, lengths, batches, provid
     model = load_checkpoint(checkpoint).requires_grad_(False)  # the ladder reads tensors with .numpy()
     with torch.no_grad():
         rep = run_ladder(model, export_dir, lengths=lengths, batches=tuple(batches), provider=provider,
-                         generate_tokens=generate_tokens, progress=say)
+                         generate_tokens=generate_tokens, progress=say, threads=threads)
     click.echo(rep["summary"])
     if json_out:
         write_json(json_out, rep)

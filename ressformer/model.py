@@ -30,7 +30,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # x / sqrt(.), not x * rsqrt(.): the form ONNX Runtime fuses into one
+        # SimplifiedLayerNormalization node (7 nodes otherwise; docs/performance.md)
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
@@ -355,7 +357,7 @@ class ReSSFormer(nn.Module):
     # ---- state --------------------------------------------------------------------------
     def init_state(self, batch: int, steps: int | None = None, device=None, dtype=None) -> State:
         cfg = self.config
-        S = steps or cfg.n_steps
+        S = _check_steps(cfg.n_steps if steps is None else steps)
         p = self.embed.weight
         device, dtype = device or p.device, dtype or p.dtype
         H, D, C, m = cfg.n_heads, cfg.head_dim, cfg.cache_len, cfg.mem_slots
@@ -399,7 +401,7 @@ class ReSSFormer(nn.Module):
         self.check_tokens(tokens)
         cfg = self.config
         B, T = tokens.shape
-        steps = steps or cfg.n_steps
+        steps = _check_steps(cfg.n_steps if steps is None else steps)
         if state is None:
             state = self.init_state(B, steps)
         self.check_state(state, B, steps)
@@ -460,6 +462,12 @@ class ReSSFormer(nn.Module):
             # memory update would never be trained.
             new = new.detach(memory=cfg.detach_memory)
         return self.head(h), new, aux
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (K, the recurrent depth), got {steps!r}")
+    return steps
 
 
 def structural_continuity(idx_a, w_a, idx_b, w_b, n_keys: int | None = None):
