@@ -9,6 +9,8 @@ ONNX FunctionProto (see export/ops.py and docs/custom_ops.md).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DOMAIN = "ressformer"
@@ -39,10 +41,11 @@ def _leading_run(cond: torch.Tensor) -> torch.Tensor:
     return (~cond).cumsum(-1).eq(0).sum(-1, keepdim=True)
 
 
-def entmax15_kernel(x: torch.Tensor) -> torch.Tensor:
-    """Exact sort-based entmax-1.5 along the last axis (Peters et al., 2019)."""
+def entmax15_kernel(x: torch.Tensor, presorted: bool = False) -> torch.Tensor:
+    """Exact sort-based entmax-1.5 along the last axis (Peters et al., 2019). presorted: x is
+    already sorted descending along the axis (top-k output): no sort, the same result."""
     z, valid = _prepare(x, halve=True)
-    zs, _ = torch.sort(z, dim=-1, descending=True)
+    zs = z if presorted else torch.sort(z, dim=-1, descending=True)[0]
     n = z.shape[-1]
     rho = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
     mean = zs.cumsum(-1) / rho
@@ -56,10 +59,11 @@ def entmax15_kernel(x: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, y, torch.zeros_like(y))
 
 
-def sparsemax_kernel(x: torch.Tensor) -> torch.Tensor:
-    """Exact sort-based sparsemax along the last axis (Martins & Astudillo, 2016)."""
+def sparsemax_kernel(x: torch.Tensor, presorted: bool = False) -> torch.Tensor:
+    """Exact sort-based sparsemax along the last axis (Martins & Astudillo, 2016); presorted as
+    for entmax15_kernel."""
     z, valid = _prepare(x, halve=False)
-    zs, _ = torch.sort(z, dim=-1, descending=True)
+    zs = z if presorted else torch.sort(z, dim=-1, descending=True)[0]
     n = z.shape[-1]
     rho = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
     cs = zs.cumsum(-1) - 1
@@ -69,7 +73,7 @@ def sparsemax_kernel(x: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, y, torch.zeros_like(y))
 
 
-def softmax_kernel(x: torch.Tensor) -> torch.Tensor:
+def softmax_kernel(x: torch.Tensor, presorted: bool = False) -> torch.Tensor:
     """Softmax along the last axis; a row with no finite entry gives zeros, not NaN."""
     valid = torch.isfinite(x).any(-1, keepdim=True)
     y = torch.softmax(torch.where(valid, x, torch.zeros_like(x)), dim=-1)
@@ -101,12 +105,31 @@ def _entmax15_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _entmax15_backward(ctx, dy):
-    (y,) = ctx.saved_tensors
+def entmax15_vjp(y, dy):
+    """dL/dx of y = entmax15(x) from y alone (closed form): g = sqrt(y), dx = g dy - g (g.dy)/sum(g)."""
     g = y.sqrt()  # gppr
     dx = dy * g
     q = dx.sum(-1, keepdim=True) / g.sum(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny)
     return dx - q * g
+
+
+def sparsemax_vjp(y, dy):
+    """dL/dx of y = sparsemax(x): dy minus its mean over the support, zero off the support."""
+    supp = (y > 0).to(dy.dtype)
+    v_hat = (dy * supp).sum(-1, keepdim=True) / supp.sum(-1, keepdim=True).clamp(min=1)
+    return supp * (dy - v_hat)
+
+
+def softmax_vjp(y, dy):
+    return y * (dy - (dy * y).sum(-1, keepdim=True))
+
+
+VJPS = {"entmax15": entmax15_vjp, "sparsemax": sparsemax_vjp, "softmax": softmax_vjp}
+
+
+def _entmax15_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return entmax15_vjp(y, dy)
 
 
 _entmax15_op.register_autograd(_entmax15_backward, setup_context=_entmax15_setup)
@@ -125,9 +148,7 @@ def _(x):
 
 def _sparsemax_backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    supp = (y > 0).to(dy.dtype)
-    v_hat = (dy * supp).sum(-1, keepdim=True) / supp.sum(-1, keepdim=True).clamp(min=1)
-    return supp * (dy - v_hat)
+    return sparsemax_vjp(y, dy)
 
 
 _sparsemax_op.register_autograd(_sparsemax_backward, setup_context=_entmax15_setup)
@@ -140,32 +161,47 @@ _NORM_OPS = {"entmax15": _entmax15_op, "sparsemax": _sparsemax_op, "softmax": so
 
 
 # ---- top-k attention ------------------------------------------------------------------------
-def topk_lower_index(x: torch.Tensor, k: int):
+# None: branch-free tie handling on accelerators only. On a CPU, reading a tensor's value costs no
+# device synchronisation, so the CPU skips the (rarely needed) repair when no row has a tie.
+BRANCH_FREE: bool | None = None
+
+
+def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
     """`x.topk(k, dim=-1)` (sorted, descending) with ties broken toward the lower index, as ONNX
     TopK specifies; torch.topk leaves the order (and which tied entries make the cut) unspecified.
 
-    Values are gathered from `x`, so they stay differentiable.
+    Branch-free (`branch_free`, default: BRANCH_FREE, else off a CPU): every row takes the same
+    path, no host synchronisation, no data-dependent shape, so a CUDA training step never waits
+    on the host; on a CPU the repair runs only when some row has a tie (same result). Ties among
+    -inf (masked) entries are broken toward the lower index too where repaired (their weight is 0
+    either way). Values are gathered from `x`, so they stay differentiable.
     """
     n = x.shape[-1]
     if k == 0 or x.numel() == 0:
         return x.topk(k, dim=-1)
+    if branch_free is None:
+        branch_free = BRANCH_FREE if BRANCH_FREE is not None else x.device.type != "cpu"
     val, idx = x.topk(min(k + 1, n), dim=-1)  # one extra: does a tie straddle the cut?
-    # Ties among -inf (masked) entries are left in torch's order: they get weight exactly 0, and
-    # the masked rows of causal attention would otherwise all take the slow path below.
-    bad = (val[..., k] == val[..., k - 1]) & (val[..., k - 1] > float("-inf")) if k < n \
-        else torch.zeros_like(val[..., 0], dtype=torch.bool)
+    # a finite tie straddles the cut (NaN never ties; which -inf entries make it does not matter)
+    bad = (val[..., k:k + 1] == val[..., k - 1:k]) & (val[..., k - 1:k] > float("-inf")) if k < n else None
     val, idx = val[..., :k], idx[..., :k]
-    tied = bad | ((val[..., 1:] == val[..., :-1]) & (val[..., 1:] > float("-inf"))).any(-1)
-    if bool(tied.any()):
-        idx = idx.clone()
-        if bool(bad.any()):  # pick the lowest indices among the entries tied with the k-th value
-            xb, kth = x[bad], val[bad][:, -1:]  # (m, N), (m, 1)
-            eq, gt = xb == kth, (xb > kth) | xb.isnan()  # topk ranks NaN highest
-            take = gt | (eq & (eq.cumsum(-1) <= k - gt.sum(-1, keepdim=True)))
-            idx[bad] = take.nonzero()[:, 1].view(-1, k)  # exactly k per row, ascending index
-        it, _ = idx[tied].sort(-1)  # then by value descending, ties in index order
-        order = x[tied].gather(-1, it).sort(dim=-1, descending=True, stable=True).indices
-        idx[tied] = it.gather(-1, order)
+    if not branch_free:
+        tied = (val[..., 1:] == val[..., :-1]) & (val[..., 1:] > float("-inf"))
+        if not bool(tied.any() if bad is None else tied.any() | bad.any()):
+            return val, idx
+    if bad is not None:
+        # the slots holding the k-th value form the tail; on a bad row they take the lowest
+        # indices among all entries equal to it: the r-th tail slot gets the r-th equal entry
+        kth = val[..., -1:]
+        rank = torch.arange(k, device=x.device) - (k - (val == kth).sum(-1, keepdim=True))  # (..., k)
+        nth = torch.searchsorted((x == kth).cumsum(-1, dtype=torch.int32), (rank + 1).to(torch.int32))
+        idx = torch.where(bad & (rank >= 0), nth.clamp(max=n - 1), idx)
+    # ties inside the selection in index order: val is sorted, so number its runs of equal values
+    # (g) and sort the key g n + index once
+    val = x.gather(-1, idx)
+    kt = torch.int32 if k * n < 2**31 else torch.int64
+    g = torch.cat([torch.zeros_like(idx[..., :1], dtype=kt), (val[..., 1:] != val[..., :-1]).cumsum(-1, dtype=kt)], -1)
+    idx = (g * n + idx.to(kt)).sort(dim=-1).values.remainder(n).long()
     return x.gather(-1, idx), idx
 
 
@@ -185,11 +221,15 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
     outs, idxs, ws = [], [], []
     for s in range(0, T, chunk):
         qc, mc = q[..., s:s + chunk, :], mask[s:s + chunk]
-        sc = torch.matmul(qc, k.transpose(-1, -2)) * scale  # (B, H, t, N)
-        sc = sc.masked_fill(~mc, float("-inf"))
+        sc = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, N); in place: one buffer
+        sc.masked_fill_(~mc, float("-inf"))
         val, idx = topk_lower_index(sc, kk)  # sorted, descending, ties: lower index
-        w = norm(val)  # (B, H, t, kk)
-        dense = torch.zeros_like(sc).scatter(-1, idx, w)  # sparse weights as a dense row
+        if val.requires_grad:  # autograd through the kernel (the reference path)
+            w = norm(val)  # (B, H, t, kk)
+            dense = torch.zeros_like(sc).scatter(-1, idx, w)  # sparse weights as a dense row
+        else:  # the custom op's forward: the normalizer on the sorted values, sc's buffer reused
+            w = KERNELS[normalizer](val, presorted=True)
+            dense = sc.zero_().scatter_(-1, idx, w)
         outs.append(torch.matmul(dense, v))
         idxs.append(idx)
         ws.append(w)
@@ -199,11 +239,48 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
     return torch.cat(outs, -2), torch.cat(idxs, -2), torch.cat(ws, -2)
 
 
+# The fused Triton kernels (ressformer/triton_attention.py): None = on CUDA when triton imports;
+# True = wherever they support the inputs (on a CPU that needs TRITON_INTERPRET=1); False = never.
+# (env RESSFORMER_TRITON=0/1 sets it at import)
+TRITON: bool | None = {"0": False, "1": True}.get(os.environ.get("RESSFORMER_TRITON", ""))
+TRITON_ERROR: str | None = None  # set (with a warning) if the kernels failed to build or run: PyTorch then
+
+
+def _triton(q, k, v, top_k: int, forward: bool):
+    """The Triton module if it should run these inputs, else None."""
+    if TRITON is False or (TRITON is None and (q.device.type != "cuda" or TRITON_ERROR)):
+        return None
+    try:
+        from . import triton_attention as ta
+    except ImportError:  # triton not installed: the PyTorch kernel
+        if TRITON:
+            raise
+        return None
+    return ta if ta.supported(q, k, v, top_k, forward) else None
+
+
+def _triton_failed(e: Exception) -> None:
+    global TRITON_ERROR
+    if TRITON:  # asked for explicitly: an error
+        raise e
+    TRITON_ERROR = f"{type(e).__name__}: {e}"
+    import warnings
+
+    warnings.warn(f"ressformer: the Triton top-k attention failed, using the PyTorch kernel: {TRITON_ERROR}",
+                  RuntimeWarning, stacklevel=3)
+
+
 @torch.library.custom_op("ressformer::topk_attention", mutates_args=())
 def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        top_k: int, normalizer: str, scale: float, chunk: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad(), _no_autocast(q):
+        ta = _triton(q, k, v, top_k, forward=True)
+        if ta is not None:
+            try:
+                return ta.topk_attention_fwd(q, k, v, mask, top_k, normalizer, scale)
+            except Exception as e:  # e.g. an older Triton without tl.topk: fall back, loudly
+                _triton_failed(e)
         out, idx, w = topk_attention_kernel(q, k, v, mask, top_k, normalizer, scale, chunk)
     return out.contiguous(), idx.contiguous(), w.contiguous()
 
@@ -220,20 +297,90 @@ def _(q, k, v, mask, top_k, normalizer, scale, chunk):
 
 def _topk_attention_setup(ctx, inputs, output):
     q, k, v, mask, top_k, normalizer, scale, chunk = inputs
-    ctx.save_for_backward(q, k, v, mask)
-    ctx.args = (top_k, normalizer, scale, chunk)
+    _, idx, w = output
+    ctx.save_for_backward(q, k, v, idx, w)  # O(T k) beyond the inputs: no scores, no mask
+    ctx.args = (normalizer, scale, chunk)
+
+
+def _rows(x, idx):
+    """x (..., N, D) at idx (..., t, k) -> (..., t, k, D): the selected keys' (or values') rows."""
+    t, kk = idx.shape[-2:]
+    flat = idx.reshape(*idx.shape[:-2], t * kk, 1).expand(*idx.shape[:-2], t * kk, x.shape[-1])
+    return x.gather(-2, flat).view(*idx.shape, x.shape[-1])
+
+
+def _scatter_rows(acc, idx, src):
+    """acc (..., N, D) += src (..., t, k, D) at the rows idx (..., t, k)."""
+    t, kk, D = src.shape[-3:]
+    flat = idx.reshape(*idx.shape[:-2], t * kk, 1).expand(*idx.shape[:-2], t * kk, D)
+    acc.scatter_add_(-2, flat, src.reshape(*src.shape[:-3], t * kk, D).to(acc.dtype))
+
+
+def topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer: str, scale: float, chunk: int = 0,
+                            gather: bool | None = None):
+    """Backward of top-k attention from the forward's selection (idx) and weights (w) alone.
+
+    out_i = sum_j w_ij v_idx(ij) and w_i = norm(scale q_i . k_idx(i)) over the k selected keys, so
+    every gradient lives on the selected (query, key) pairs: the closed-form normalizer backward
+    on the k weights, then dq, dk, dv from those pairs only. No scores are recomputed, no second
+    top-k or sort; what is kept from the forward is O(T k). Masked or unselected keys get weight 0
+    and so no gradient, as in autograd through the forward.
+
+    Two layouts of the same sums, chunk queries at a time: `gather=True` gathers the selected
+    key/value rows (chunk x k x D) and scatter-adds into dk/dv; `gather=False` scatters the k
+    weights of each query into a chunk x N row block and runs dense matmuls (the forward's own
+    layout, chunk x N like its scores). On a CPU the matmuls are ~4x faster while k D > N (the
+    training shapes: k 32, D 32, N <= 416); gathering wins once N >> k D (long contexts).
+    None: gather iff N > 2 k D. dk/dv accumulate in float32 for half inputs.
+    """
+    T, N, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    kk = idx.shape[-1]
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    qx, kx, vx = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    gather = N > 2 * kk * D if gather is None else gather
+    dq = torch.empty((*lead, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.zeros(kx.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(vx.shape, dtype=acc, device=q.device)
+    vjp = VJPS[normalizer]
+    chunk = chunk if chunk > 0 else max(T, 1)
+    for s in range(0, T, chunk):
+        sl = slice(s, s + chunk)
+        ic, wc, go, qc = idx[..., sl, :], w[..., sl, :], d_out[..., sl, :], qx[..., sl, :]  # (.., t, k|D)
+        if gather:
+            dwc = d_w[..., sl, :] + (_rows(vx, ic) @ go.unsqueeze(-1)).squeeze(-1)  # dL/dw (.., t, k)
+            _scatter_rows(dv, ic, wc.unsqueeze(-1) * go.unsqueeze(-2))  # dv[idx] += w d_out
+            ds = vjp(wc, dwc) * scale  # dL/dscore of the selected keys (.., t, k)
+            dq[..., sl, :] = (ds.unsqueeze(-2) @ _rows(kx, ic)).squeeze(-2)
+            _scatter_rows(dk, ic, ds.unsqueeze(-1) * qc.unsqueeze(-2))  # dk[idx] += ds q
+        else:
+            dwc = d_w[..., sl, :] + (go @ vx.transpose(-1, -2)).gather(-1, ic)  # (.., t, k)
+            ds = vjp(wc, dwc) * scale
+            rows = (*ic.shape[:-1], N)
+            dense_w = wc.new_zeros(rows).scatter_(-1, ic, wc)  # (.., t, N), zero off the selection
+            dense_s = ds.new_zeros(rows).scatter_(-1, ic, ds)
+            dv += (dense_w.transpose(-1, -2) @ go).to(acc)
+            dq[..., sl, :] = dense_s @ kx
+            dk += (dense_s.transpose(-1, -2) @ qc).to(acc)
+    return (dq.sum_to_size(q.shape), dk.to(k.dtype).sum_to_size(k.shape), dv.to(v.dtype).sum_to_size(v.shape))
+
+
+BACKWARD_GATHER: bool | None = None  # the backward's layout (topk_attention_backward's `gather`); None: by shape
 
 
 def _topk_attention_backward(ctx, d_out, d_idx, d_w):
-    # Recompute-based backward (like activation checkpointing): memory stays chunk x N.
-    q, k, v, mask = ctx.saved_tensors
-    top_k, normalizer, scale, chunk = ctx.args
-    with torch.enable_grad(), _no_autocast(q):
-        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, _, w = topk_attention_kernel(q_, k_, v_, mask, top_k, normalizer, scale, chunk)
-        grads = torch.autograd.grad((out, w), (q_, k_, v_), (d_out, d_w), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
-    return (*grads, None, None, None, None, None)
+    q, k, v, idx, w = ctx.saved_tensors
+    with _no_autocast(q):
+        grads, ta = None, _triton(q, k, v, idx.shape[-1], forward=False)
+        if ta is not None:
+            try:
+                grads = ta.topk_attention_bwd(q, k, v, idx, w, d_out, d_w, *ctx.args[:2])
+            except Exception as e:
+                _triton_failed(e)
+        if grads is None:
+            grads = topk_attention_backward(q, k, v, idx, w, d_out, d_w, *ctx.args, gather=BACKWARD_GATHER)
+    dq, dk, dv = grads
+    return dq, dk, dv, None, None, None, None, None
 
 
 _topk_attention_op.register_autograd(_topk_attention_backward, setup_context=_topk_attention_setup)
@@ -268,7 +415,7 @@ def _topk_route_setup(ctx, inputs, output):
 
 def _topk_route_backward(ctx, d_gates, d_idx):
     gates, idx = ctx.saved_tensors
-    g = gates * (d_gates - (d_gates * gates).sum(-1, keepdim=True))  # softmax backward
+    g = softmax_vjp(gates, d_gates)
     d = gates.new_zeros((*gates.shape[:-1], ctx.n))
     return d.scatter(-1, idx, g), None
 
