@@ -1,7 +1,7 @@
 """Edge deployment: fp32 vs fp16-stored weights vs int8 (dynamic quantization) exports of one
 checkpoint, and the ORT-format conversion.
 
-For each export mode: file size (all graphs), speed (prefill through model.onnx, decode tokens/s;
+For each export mode: file size (all graphs), speed (prefill through the unrolled graphs, decode tokens/s;
 the modes alternate, medians), and quality against fp32: bits per byte on held-out text (the
 last 5% of the default Shakespeare corpus, via `session.score_stream`) and top-1 agreement of the
 next-token predictions with the fp32 export on the same text. Then the fp32 export is converted
@@ -46,14 +46,14 @@ def held_out_text(n_bytes: int) -> bytes:
     return raw[len(raw) - int(round(len(raw) * D.VAL_FRACTION)):][:n_bytes]
 
 
-def ort_predictions(sess, data: bytes, full_graph: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def ort_predictions(sess, data: bytes, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stream `data` through the session in segment pieces: (argmax next-token predictions (N,),
     logits (N, V) float32)."""
     ids = np.frombuffer(data, np.uint8).astype(np.int64)
     state, preds, logits = None, [], []
     L = sess.segment_len
     for i in range(0, ids.size, L):
-        lo, state = sess.forward(ids[None, i:i + L], state, full_graph=full_graph)
+        lo, state = sess.forward(ids[None, i:i + L], state, path=path)
         preds.append(lo[0].argmax(-1))
         logits.append(lo[0])
     return np.concatenate(preds), np.concatenate(logits)
@@ -95,15 +95,17 @@ def quality(sess, data: bytes, ref_pred: np.ndarray | None = None, ref_logits: n
 def export_size(export_dir) -> dict:
     meta = json.loads((Path(export_dir) / "ressformer.json").read_text())
     per = {g["file"]: int(g["bytes"]) for g in meta["graphs"].values()}
+    # what the default (unrolled) path loads: init + the unrolled graphs of the trained K
+    needed = ["init", *meta["unrolled"][str(meta["steps"])].values()]
     return {"total_bytes": sum(per.values()), "graphs": per,
-            "deploy_bytes": sum(b for f, b in per.items() if f != "model.onnx")}
+            "deploy_bytes": sum(int(meta["graphs"][n]["bytes"]) for n in needed)}
 
 
 # ---- ORT format ---------------------------------------------------------------------------------
 def ort_format_check(export_dir, out_dir, data: bytes | None = None, threads: int | None = None) -> dict:
     """Convert every graph of `export_dir` to ORT format (.ort) with onnxruntime's converter,
     write a runtime folder whose sidecar names the .ort files, load it with ReSSFormerSession and
-    compare its logits (step graphs and model.onnx paths) with the .onnx export."""
+    compare its logits (unrolled and step-graph paths) with the .onnx export."""
     from ressformer.runtime import ReSSFormerSession
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -136,10 +138,10 @@ def ort_format_check(export_dir, out_dir, data: bytes | None = None, threads: in
     data = data or held_out_text(4 * sess.segment_len)
     ids = np.frombuffer(data, np.uint8).astype(np.int64)[None]
     diffs = {}
-    for full in (False, True):
-        a, _ = sess.forward(ids, full_graph=full)
-        b, _ = ref.forward(ids, full_graph=full)
-        diffs["model.onnx" if full else "step graphs"] = float(np.abs(a - b).max())
+    for path in ("unrolled", "steps"):
+        a, _ = sess.forward(ids, path=path)
+        b, _ = ref.forward(ids, path=path)
+        diffs[path] = float(np.abs(a - b).max())
     res.update(runs=True, max_abs_logit_diff_vs_onnx=diffs)
     return res
 
@@ -194,8 +196,8 @@ def run_edge(checkpoint=None, preset=None, smoke: bool = False, threads: int | N
         # speed
         rng = np.random.default_rng(0)
         x = rng.integers(0, cfg.vocab_size, (1, T))
-        progress(f"prefill {T} tokens (model.onnx), {sizes['repeats']} rounds ...")
-        ts = alternate({mode: (lambda s=s: s.forward(x, full_graph=True)) for mode, s in sess.items()},
+        progress(f"prefill {T} tokens (unrolled graphs), {sizes['repeats']} rounds ...")
+        ts = alternate({mode: (lambda s=s: s.forward(x)) for mode, s in sess.items()},
                        sizes["repeats"])
         for mode in sess:
             report["modes"][mode]["prefill_s"] = _med(ts[mode])
@@ -253,8 +255,8 @@ def format_table(report) -> str:
                      f"{r['bits_per_byte']:9.4f} {r.get('bpb_delta_vs_fp32', 0):+8.4f} "
                      f"{100 * r.get('top1_agreement', 1):10.2f}% {r.get('max_abs_logit_diff', 0):11.2e}")
     first = next(iter(report["modes"].values()))
-    lines.append(f"(prefill: {first['prefill_length']} tokens through model.onnx; size: all graphs incl. "
-                 "model.onnx; agreement and logit diff vs the fp32 export)")
+    lines.append(f"(prefill: {first['prefill_length']} tokens through the unrolled graphs; size: all graphs, "
+                 "deploy: init + unrolled graphs; agreement and logit diff vs the fp32 export)")
     o = report.get("ort_format")
     if o:
         if o.get("runs"):

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> dict:
         vocab = sess.vocab_size
 
         def run(x, state):
-            _, state = sess.forward(x, state, full_graph=True)
+            _, state = sess.forward(x, state)
             return state
     elif engine == "torch":
         import torch

@@ -31,13 +31,20 @@ def test_smoke_bench(tiny_checkpoint, tiny_export, tmp_path):
     for c in cases["prefill"]:
         assert c["ort_step_s"] > 0 and "ratio_step" in c
         assert 0 < c["ort_gemm_fraction"] and 0 < c["torch_gemm_fraction"]
-    assert cases["decode"][0]["torch_tok_s"] > 0 and cases["decode"][0]["ort_tok_s"] > 0
+    dec = cases["decode"][0]
+    assert dec["torch_tok_s"] > 0 and dec["ort_tok_s"] > 0 and dec["ort_step_tok_s"] > 0
+    prof = rep["decode_profile"]
+    # one ONNX Runtime run per decoded token (+ one per segment end) on the unrolled path, K + 2 on the steps
+    assert 1.0 <= prof["unrolled"]["runs_per_token"] <= 1.05
+    assert prof["steps"]["runs_per_token"] >= 4
+    assert prof["unrolled"]["flops_per_token"] < prof["steps"]["flops_per_token"]  # memory k/v once a segment
+    assert prof["unrolled"]["nodes_per_token"] < prof["steps"]["nodes_per_token"]
     for c in cases["stream_memory"]:
         assert c["ort_peak_mb"] > 0 and c["torch_peak_mb"] > 0 and "memory_ratio" in c
         assert c["ort_peak_mb"] < c["torch_peak_mb"]  # the ORT child never imports torch
     assert rep["gemm"]["gflops"] > 0 and rep["flops"]["per_token"] > 0
     assert set(rep["targets"]) == {"prefill_speedup", "prefill_gemm_fraction", "decode_speedup",
-                                   "memory_growth"}
+                                   "decode_unrolled_vs_steps", "runs_per_token", "flops_ratio", "memory_growth"}
     json.dumps(rep)  # the CLI writes it as JSON
     png = plot(rep, tmp_path / "bench.png")
     assert png.stat().st_size > 1000
@@ -50,7 +57,8 @@ def test_model_flops_counts():
     assert f["components"]["qkv"] == K * 6 * d * d
     assert f["components"]["experts"] == K * cfg.top_e * 4 * d * cfg.d_ff
     assert f["components"]["head"] == 2 * d * cfg.vocab_size
-    assert f["per_token"] < f["executed_prefill"] < f["executed_decode"]  # dense scores; memory k/v per token
+    assert f["per_token"] < f["executed_decode"] < f["executed_prefill"]  # dense scores over all candidates
+    assert f["executed_decode"] < f["executed_decode_steps"]  # the step graphs redo the memory k/v per token
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
