@@ -1,0 +1,100 @@
+"""The JavaScript runtime (runtime/js/, docs/javascript.md) against the Python runtime.
+
+The Python runtime writes reference values (runtime/js/test/make_reference.py) for two tiny exports:
+`tiny_export` (logits within 1e-5) and a strongly perturbed one whose greedy output varies (logits up
+to ~9, within 5e-4). Node's own test runner then checks runtime/js/ressformer.mjs against them on
+onnxruntime-node and onnxruntime-web (`node --test`, the same tests as `cd runtime/js && npm test`).
+The `browser` test opens the demo page in headless Chromium. Needs Node 20+ with `npm ci` done in
+runtime/js, and Chromium for the browser test (.ci/run installs both; docs/javascript.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JS = ROOT / "runtime" / "js"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"ressformer_js_{name}", JS / "test" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    assert node, "Node.js 20+ is needed for the JavaScript runtime's tests (docs/javascript.md)"
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(version.lstrip("v").split(".")[0]) >= 20, f"Node.js 20+ is needed, found {version}"
+    assert (JS / "node_modules" / "onnxruntime-node").is_dir(), \
+        "runtime/js has no node_modules: run `cd runtime/js && npm ci` (docs/javascript.md)"
+    return node
+
+
+@pytest.fixture(scope="module")
+def js_references(tiny_export, tmp_path_factory) -> list[dict]:
+    mk = _module("make_reference")
+    root = tmp_path_factory.mktemp("js")
+    strong = mk.make_tiny_export(root / "strong", strong=True)
+    refs = []
+    for name, export, tol in (("light", tiny_export, mk.TOLERANCES["light"]),
+                              ("strong", strong, mk.TOLERANCES["strong"])):
+        path = root / f"{name}.json"
+        ref = mk.write_reference(export, path, tol)
+        refs.append({**ref, "path": str(path)})
+    return refs
+
+
+def test_node_runtime_matches_python(js_references):
+    """runtime/js/test/*.test.mjs: logits whole and token by token across 2+ segments, 128 greedy tokens,
+    bits per byte, sampling, sidecar checks and errors, the CLI; onnxruntime-node and -web."""
+    env = {**os.environ, "RESSFORMER_REFERENCES": ",".join(r["path"] for r in js_references)}
+    r = subprocess.run([_node(), "--test", "--test-reporter=tap", "test/"], cwd=JS, env=env, capture_output=True,
+                       text=True, timeout=900)
+    parity = [line for line in r.stdout.splitlines() if "max |logit JS - Python|" in line]
+    print("\n".join(parity))
+    failed = [line for line in r.stdout.splitlines() if line.startswith("not ok")]
+    assert r.returncode == 0, f"node --test failed: {failed}\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
+    assert len(parity) == 2 * len(js_references), "each export and backend reports its logit difference"
+    assert re.search(r"^# fail 0$", r.stdout, re.M) and not failed
+
+
+@pytest.mark.browser
+def test_browser_demo_streams_python_greedy_text(js_references, tmp_path):
+    """The demo page (runtime/js/demo/) in headless Chromium, served over HTTP on 127.0.0.1: it loads the
+    export with onnxruntime-web and shows the Python runtime's greedy text. Set RESSFORMER_JS_SCREENSHOT
+    (e.g. docs/img/js-demo.png) to keep the screenshot."""
+    _node()
+    cr = _module("chromium")
+    ref = js_references[1]  # the export whose greedy output varies
+    server = cr.Server({"js": JS, "export": Path(ref["export"])})
+    browser = cr.Chromium()
+    try:
+        query = urllib.parse.urlencode({"export": "/export/", "prompt": ref["prompt"], "tokens": 128,
+                                        "temperature": 0, "auto": 1})
+        result = browser.run_demo(f"{server.url}js/demo/index.html?{query}", timeout=300)
+        assert result["ok"], result.get("error")
+        assert result["ids"] == ref["greedy"]
+        assert result["pageText"] == result["text"] == ref["greedy_text"]
+        assert result["tokensPerSecond"] > 0
+        status = browser.evaluate("document.getElementById('status').textContent")
+        assert status.startswith("done: 128 tokens") and "tokens/s" in status, status
+        shot = ROOT / os.environ["RESSFORMER_JS_SCREENSHOT"] if os.environ.get("RESSFORMER_JS_SCREENSHOT") \
+            else tmp_path / "js-demo.png"
+        browser.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        print(json.dumps({"browser_tokens_per_s": result["tokensPerSecond"], "screenshot": str(shot)}))
+    finally:
+        browser.close()
+        server.close()
