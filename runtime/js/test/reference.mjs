@@ -1,7 +1,9 @@
 // The Python runtime's reference values (test/make_reference.py), each naming its export folder.
 // tests/test_js.py sets RESSFORMER_REFERENCES (comma-separated reference.json paths); without it
 // (`npm test` on its own) make_reference.py builds them once with the repository's Python
-// (RESSFORMER_PYTHON, else ../../.venv/bin/python, else python3) under the system's temp folder.
+// (RESSFORMER_PYTHON, else ../../.venv/bin/python, else python3) under the system's temp folder
+// (`ressformer-js-reference`; delete it to rebuild). `npm test` runs this file first, so that the test
+// files, which node runs in parallel processes, find the references built.
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
