@@ -124,6 +124,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             if not report["passed"]:
                 raise ExportError("export validation failed:\n" + report["summary"])
+        write_model_card(tmp, sidecar, report if validate else None)  # README.md, for people
         # atomic: the old export stays readable until the new one is in place (ressformer.fsutil)
         fsutil.replace_dir(tmp, parent / out.name, overwrite=overwrite or not fsutil.is_nonempty_dir(out))
     except (Exception, KeyboardInterrupt):  # a kill leaves tmp to the next run's fsutil.recover
@@ -131,6 +132,110 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise
     progress(f"exported {checkpoint} -> {out} in {time.perf_counter() - t_start:.1f}s")
     return out
+
+
+def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | None) -> Path:
+    """Write FOLDER/README.md: what the export is (config, parameters, K, sizes, hashes), its
+    validation result, its generation defaults, and how to run it (Python, the command line, and the
+    loop for other languages). For readers only: the runtime reads the sidecar and the graphs."""
+    from ressformer import ReSSFormer, ReSSFormerConfig
+
+    cfg = sidecar["config"]
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        n_params = ReSSFormer(ReSSFormerConfig.from_dict(cfg)).num_params()
+    ks = sorted(int(k) for k in sidecar["unrolled"])
+    k = int(sidecar["steps"])
+    piece, seg_end = (sidecar["graphs"][n]["file"] for n in sidecar["unrolled"][str(k)].values()) \
+        if str(k) in sidecar["unrolled"] else (f"piece_k{ks[0]}.onnx", f"segment_end_k{ks[0]}.onnx")
+    weights = "float32" if sidecar["dtype"] == "fp32" and not sidecar["quantize"] else \
+        "int8 weight MatMuls (dynamic quantization)" if sidecar["quantize"] else "float16 (computation in float32)"
+    total = sum(g["bytes"] for g in sidecar["graphs"].values())
+    lines = [
+        "# ReSSFormer language model (ONNX export)", "",
+        "A [ReSSFormer](https://arxiv.org/abs/2510.01585) (Recursive Sparse Structured Transformer) byte-level "
+        "language model exported by the ressformer project for ONNX Runtime. "
+        "Tokens are UTF-8 bytes (ids 0..255); the model reads text of any length with constant memory: a "
+        "recurrent state (memory slots, key/value caches) carried from segment to segment.", "",
+        "| | |", "|---|---|",
+        f"| parameters | {n_params:,} |",
+        f"| recurrent steps K (trained) | {k}; graphs unrolled for K = {', '.join(map(str, ks))}; any other K "
+        "runs on the step graphs |",
+        f"| segment length L | {sidecar['segment_len']} tokens |",
+        f"| token cache C | {sidecar['cache_len']} keys/values per step from the previous segment |",
+        f"| memory | {sidecar['mem_slots']} slots of {cfg['d_model']} |",
+        f"| weights | {weights}; {len(sidecar['graphs'])} graphs, {total / 1e6:.2f} MB |",
+        f"| ONNX | opset {sidecar['onnx_opset']}, IR {sidecar['ir_version']}, ops of domain "
+        f"`{sidecar['ressformer_opset']['domain']}` v{sidecar['ressformer_opset']['version']} stored as ONNX "
+        "functions inside the graphs (stock ONNX Runtime runs them) |",
+        f"| checkpoint sha256 | `{sidecar['checkpoint_sha256']}` |",
+        f"| model sha256 | `{sidecar['model_sha256']}` (of `ressformer.json`'s model fields) |", "",
+        "## Config", "", "| field | value |", "|---|---|",
+        *(f"| `{name}` | {value} |" for name, value in cfg.items()), "",
+        "## Validation", "",
+    ]
+    if report is None:
+        lines += ["Not validated at export (`--no-validate`). Check it against its checkpoint with "
+                  "`ressformer parity CHECKPOINT EXPORT_DIR`.", ""]
+    else:
+        rows = report["rows"]
+        lines += [f"ONNX Runtime against PyTorch at export: **{'passed' if report['passed'] else 'FAILED'}**, "
+                  f"{len(rows)} comparisons (`validation.json` has them all). An output passes iff, elementwise, "
+                  "|ort − torch| ≤ a·max|torch| + r·|torch|.", "",
+                  "| rung | comparisons | worst max abs error | tolerance a, r | selection flips | result |",
+                  "|---|---|---|---|---|---|"]
+        for rung in dict.fromkeys(r["rung"] for r in rows):
+            rs = [r for r in rows if r["rung"] == rung]
+            flips, ok = sum(r["flips"] for r in rs), all(r["passed"] for r in rs)
+            if rung == "generate":
+                worst, tol = f"{sum(r['compared'] for r in rs)} greedy tokens identical", "exact"
+            else:
+                w = max(rs, key=lambda r: r["max_abs"])
+                worst, tol = f"{w['max_abs']:.1e} ({w['output']}, {w['case']})", f"{w['atol']:.0e}, {w['rtol']:.0e}"
+            lines.append(f"| {rung} | {len(rs)} | {worst} | {tol} | {flips} | {'passed' if ok else 'FAILED'} |")
+        lines.append("")
+    gen = sidecar.get("generation", {})
+    lines += [
+        "## Generation defaults", "",
+        "`generation` in `ressformer.json` (editable: it is not covered by model sha256); `ressformer generate` "
+        "and `ReSSFormerSession.generate` use them for options left unset.", "",
+        "| option | default |", "|---|---|", *(f"| `{n}` | {v!r} |" for n, v in gen.items()), "",
+        "## Run it in Python", "", "`EXPORT_DIR` below is this folder.", "",
+        "Needs `numpy` and `onnxruntime` only (`pip install .` in a ressformer checkout installs the runtime "
+        "without torch).", "",
+        "```python",
+        "import numpy as np",
+        "from ressformer.runtime import ReSSFormerSession",
+        "",
+        'sess = ReSSFormerSession("EXPORT_DIR", threads=1)     # checks every graph\'s sha256',
+        'print("".join(sess.generate_text("ROMEO:", max_new_tokens=100, seed=0)))',
+        "ids = np.frombuffer(b\"To be, or not to be\", np.uint8).astype(np.int64)[None]  # (batch 1, length 19)",
+        "logits, state = sess.forward(ids)                     # logits (1, 19, 256)",
+        "logits, state = sess.forward(ids[:, :1], state)       # continue: the state carries the text so far",
+        "```", "",
+        "## Run it on the command line", "",
+        "```bash",
+        'ressformer generate EXPORT_DIR --prompt "ROMEO:" --max-new-tokens 200 --seed 0',
+        'ressformer generate EXPORT_DIR --prompt "ROMEO:" --prompt "JULIET:"   # a batch',
+        "ressformer generate EXPORT_DIR --interactive   # a chat: the state carries over between turns",
+        "ressformer score EXPORT_DIR some.txt        # bits per byte",
+        "```", "",
+        "## Other languages", "",
+        "Any ONNX Runtime binding (C, C++, C#, Java, JavaScript, ...) runs this folder with a short loop, "
+        "specified in `docs/runtime-contract.md` of the ressformer repository. In short: read "
+        "`ressformer.json`, check `format_version`, `model_sha256` and the graphs' sha256; make the state "
+        "(`init.onnx` gives the memory and its keys/values, the rest starts at zeros); then",
+        "",
+        f"- `{piece}`: tokens of one piece of a segment (one token when decoding) and the state → logits "
+        f"(batch, length, {cfg['vocab_size']}) and the updated state (one run per piece);",
+        f"- `{seg_end}`: after every {sidecar['segment_len']} tokens (a segment's end), the memory and the "
+        "segment's keys/values → the next memory, its keys/values and the next segment's caches.",
+        "",
+        "A piece never crosses a segment boundary. Sample the next byte from the last logits (temperature, "
+        "top-k, top-p as in the generation defaults), feed it back as a piece of one token.", "",
+    ]
+    path = Path(folder) / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
 
 
 def _steps_list(steps, trained: int) -> list[int]:

@@ -7,11 +7,13 @@ reach the user as one line through `ressformer.cli.Group.main`."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .cli import (
     PRESET,
@@ -27,6 +29,7 @@ from .cli import (
     say,
     set_threads,
     threads_option,
+    verbose,
     write_json,
 )
 
@@ -126,27 +129,152 @@ def _nonempty(ctx, param, value):
 
 @click.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", default="", help="text to continue (default: a newline)")
+@click.option("--prompt", "prompts", multiple=True,
+              help="text to continue (default: a newline); repeat it for a batch: one call, each row printed")
+@click.option("--interactive", is_flag=True,
+              help="chat: reply to each line of stdin until a blank line, keeping the recurrent state between "
+                   "turns; /quit or end of input ends")
 @_generation_options
 @click.option("--steps", default=None, type=Int(1), help="recurrent steps K at inference (default: trained)")
 @click.option("--provider", default="cpu", show_default=True, type=PROVIDER, help="ONNX Runtime execution provider")
 @threads_option
-def generate(export_dir, prompt, steps, provider, threads, **gen):
-    """Continue PROMPT with an exported model; prints text as it is produced."""
+def generate(export_dir, prompts, interactive, steps, provider, threads, **gen):
+    """Continue --prompt with an exported model, printing text as it is produced. Several --prompt
+    run as one batch (rows of any lengths); --interactive chats, keeping the state between turns."""
+    if interactive and prompts:
+        raise OptionError("--interactive reads its turns from stdin; give --prompt or --interactive, not both")
     sess = _session(export_dir, provider=provider, threads=threads, steps=steps)
+    kw = _generation_kwargs(gen, steps)
+    if interactive:
+        return _chat_loop(sess, kw)
+    prompts = [p or "\n" for p in prompts] or ["\n"]
+    if len(prompts) == 1:
+        pieces = sess.generate_text(prompts[0], **kw)
+        first = next(pieces, "")  # options are checked before anything is printed
+        click.echo(prompts[0] + first, nl=False)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    rows = [[] for _ in prompts]  # one generate_batch call: each row's new tokens
+    t0 = time.perf_counter()
+    for step in sess.generate_batch(prompts, **kw):
+        for b, tok in enumerate(step.tolist()):
+            if tok >= 0:
+                rows[b].append(tok)
+    verbose(f"{sum(map(len, rows))} tokens in {time.perf_counter() - t0:.2f}s for {len(rows)} prompts")
+    for b, (p, toks) in enumerate(zip(prompts, rows), 1):
+        say(f"--- {b}/{len(rows)} ---")
+        click.echo(p + sess.tokenizer.decode(toks))
+
+
+def _generation_kwargs(gen: dict, steps) -> dict:
+    """The generation options given on the command line (unset ones take the export's defaults)."""
     kw = {k: v for k, v in gen.items() if v is not None and k != "stop"}
     if gen["stop"]:
         kw["stop"] = list(gen["stop"])
     if steps is not None:
         kw["steps"] = steps
-    prompt = prompt or "\n"
-    pieces = sess.generate_text(prompt, **kw)
-    first = next(pieces, "")  # options are checked before anything is printed
-    click.echo(prompt + first, nl=False)
-    for piece in pieces:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    return kw
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@_generation_options
+@click.option("--steps", default=None, type=Int(1), help="recurrent steps K at inference (default: trained)")
+@click.option("--provider", default="cpu", show_default=True, type=PROVIDER, help="ONNX Runtime execution provider")
+@threads_option
+def chat(export_dir, steps, provider, threads, **gen):
+    """Chat with an exported model: each line read from stdin is fed to the model, which replies
+    until a blank line (or --stop, or --max-new-tokens). The recurrent state carries over between
+    turns, so a long conversation costs constant memory. Ends on end of input or /quit."""
+    sess = _session(export_dir, provider=provider, threads=threads, steps=steps)
+    _chat_loop(sess, _generation_kwargs(gen, steps))
+
+
+class Chat:
+    """A conversation with an export, on the runtime's public API (`forward` and
+    `ressformer.runtime.sampling.sample`). Each turn feeds the user's line (and a newline), then
+    samples a reply token by token until a stop sequence (default: a blank line, "\\n\\n") or
+    max_new_tokens. The state is kept between turns: what was said stays in the model's memory
+    and caches, whose size does not grow with the conversation. Options left None take the
+    export's generation defaults."""
+
+    def __init__(self, sess, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
+                 stop=None, steps=None, repetition_penalty=None):
+        from ressformer.runtime.sampling import check_sampling
+
+        g = sess.generation
+        pick = lambda v, name: g[name] if v is None else v  # noqa: E731
+        self.sess, self.steps = sess, steps
+        self.max_new_tokens, self.temperature = pick(max_new_tokens, "max_new_tokens"), pick(temperature, "temperature")
+        self.top_k, self.top_p = pick(top_k, "top_k"), pick(top_p, "top_p")
+        self.penalty = pick(repetition_penalty, "repetition_penalty")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        stop = list(stop) if stop else [*g.get("stop", []), "\n\n"]
+        self.stop = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop if s]
+        self.rng = np.random.default_rng(seed)
+        self.state = None  # RuntimeState after the first turn; state.pos: tokens of the conversation
+        self.turns, self.at_line_start = 0, True
+
+    def reply(self, line: str):
+        """Feed `line` as the user's turn; yield the reply's text as characters complete."""
+        from ressformer.runtime.sampling import sample
+
+        sess = self.sess
+        ids = sess.tokenizer.encode(("" if self.at_line_start else "\n") + line + "\n")
+        logits, self.state = sess.forward(ids[None], self.state, steps=self.steps)
+        last, seen = logits[0, -1], set(ids.tolist())
+        dec, tail, longest = sess.tokenizer.stream_decoder(), b"", max(map(len, self.stop), default=1)
+        for _ in range(self.max_new_tokens):
+            z = last.astype(np.float64)
+            if self.penalty != 1.0:  # CTRL-style, as in generate: seen tokens' logits shrink
+                idx = np.fromiter(seen, np.int64)
+                z[idx] = np.where(z[idx] > 0, z[idx] / self.penalty, z[idx] * self.penalty)
+            tok = int(sample(z[None], self.rng, self.temperature, self.top_k, self.top_p)[0])
+            logits, self.state = sess.forward(np.array([[tok]], np.int64), self.state)  # the reply joins the state
+            last = logits[0, -1]
+            seen.add(tok)
+            tail = (tail + bytes([tok]))[-longest:]
+            piece = dec(tok)
+            if piece:
+                yield piece
+            if any(tail.endswith(s) for s in self.stop):
+                break
+        self.turns += 1
+        self.at_line_start = tail.endswith(b"\n") or not tail
+
+    def state_bytes(self) -> int:
+        """Bytes held by the recurrent state (bounded: it does not grow with the conversation)."""
+        s = self.state
+        arrays = (s.conv, s.memory, s.mem_k, s.mem_v, s.cache_k, s.cache_v, s.past_k, s.past_v) if s else ()
+        return sum(a.nbytes if isinstance(a, np.ndarray) else int(np.prod(a.shape())) * 4  # OrtValue: float32
+                   for a in arrays if a is not None)
+
+
+def _chat_loop(sess, kw: dict) -> None:
+    chat_ = Chat(sess, **kw)
+    tty = sys.stdin.isatty()
+    say("chat: type a line and press Enter; the model replies until a blank line. /quit or end of input "
+        "(Ctrl-D) ends. The state carries over between turns (constant memory).")
+    while True:
+        if tty:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        text = ""
+        for text in chat_.reply(line):
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        if not text.endswith("\n"):
+            click.echo()
+    say(f"chat ended: {chat_.turns} turns, {chat_.state.pos if chat_.state else 0} tokens of conversation "
+        f"held in a {chat_.state_bytes() / 1024:.1f} KiB state")
 
 
 @click.command()
@@ -216,56 +344,163 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, threads):
         plot(rep, plot_out)
 
 
+DEMO_STEPS = 400  # tiny, 1 thread: ~1 min of training on a busy 2-core CPU; the whole demo ~3 min (README)
+
+
 @click.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="folder for the run, the export and the parity report")
-@click.option("--steps", default=300, show_default=True, type=Int(1), help="training steps")
+@click.option("--steps", default=DEMO_STEPS, show_default=True, type=Int(1), help="training steps")
 @click.option("--preset", default="tiny", show_default=True, type=PRESET, help="model size")
 @click.option("--overwrite", is_flag=True, help="replace an earlier demo in --out")
-@threads_option
+@click.option("--threads", type=Int(1), default=None,
+              help="CPU threads for PyTorch and ONNX Runtime [default: 1 for tiny, the fastest on a busy "
+                   "2-core machine; else the libraries' choice]")
 @needs_torch
 def demo(out, steps, preset, overwrite, threads):
-    """The main job end to end: train a small model on the default corpus, export it, check
-    parity, and generate text."""
+    """The main job end to end: train a small model on the default corpus, export it to ONNX, check
+    parity rung by rung, and generate text with ONNX Runtime (tiny: about 3 minutes on 2 CPU cores)."""
     from .fsutil import is_nonempty_dir
 
     out = Path(out)
     if is_nonempty_dir(out) and not overwrite:
         raise OptionError(f"--out {out} already holds files (an earlier demo?); pass --overwrite to replace "
                           "them or choose another --out")
+    threads = threads or (1 if preset == "tiny" else None)
     set_threads(threads)
     import torch
 
     from ressformer import load_checkpoint
     from ressformer.export.exporter import export_checkpoint
     from ressformer.parity.ladder import run_ladder, validate_export
+    from ressformer.runtime import ReSSFormerSession
     from ressformer.train import TrainConfig
     from ressformer.train import train as run_train
 
-    src, ex = out / "train" / "ckpt", out / "export"
-    say(f"== 1/4 train {preset} for {steps} steps on the default corpus -> {src}")
-    run_train(TrainConfig(preset=preset, steps=steps, out=str(out / "train"), eval_every=max(steps // 3, 1),
-                          ckpt_every=0, warmup=min(100, steps // 5), log_every=max(steps // 10, 1),
-                          threads=threads, overwrite=overwrite), log=say)
-    say(f"== 2/4 export {src} -> {ex}")
-    export_checkpoint(src, ex, overwrite=overwrite, validate=validate_export, progress=say)
-    say("== 3/4 parity ladder")
+    t_demo = time.perf_counter()
+    run, ex, parity_json = out / "train", out / "export", out / "parity.json"
+    say(f"ressformer demo: train -> export -> parity -> generate; preset {preset}, {steps} training steps, "
+        f"{threads or 'default'} thread(s), outputs in {out}")
+
+    say(f"\n== 1/4 train {preset} for {steps} steps on the default corpus (Shakespeare's plays, as bytes)")
+    t0 = time.perf_counter()
+    res = run_train(TrainConfig(preset=preset, steps=steps, out=str(run), eval_every=max(steps // 2, 1),
+                                ckpt_every=0, warmup=min(100, steps // 5), log_every=max(steps // 8, 1),
+                                threads=threads, overwrite=overwrite), log=say)
+    src = Path(res["checkpoint"])
+    _verdict(f"trained {preset} ({res['n_params']:,} parameters) to {res['val']['val_bpb']:.2f} bits per byte "
+             f"on held-out text in {_dur(time.perf_counter() - t0)}")
+
+    say(f"\n== 2/4 export to ONNX ({ex}), validated against PyTorch before it is put in place")
+    t0 = time.perf_counter()
+    export_checkpoint(src, ex, overwrite=overwrite, validate=validate_export,
+                      progress=lambda s: say(s) if "\n" not in s else verbose(s))  # its table: --verbose
+    meta = json.loads((ex / "ressformer.json").read_text())
+    val = json.loads((ex / "validation.json").read_text())
+    mb = sum(g["bytes"] for g in meta["graphs"].values()) / 1e6
+    _verdict(f"exported {len(meta['graphs'])} graphs ({mb:.1f} MB), validated ({len(val['rows'])} comparisons "
+             f"with PyTorch passed) in {_dur(time.perf_counter() - t0)}")
+
+    say("\n== 3/4 parity ladder, ONNX Runtime against PyTorch: ops, step, segment, stream, decode, generate")
+    t0 = time.perf_counter()
     with torch.no_grad():
         rep = run_ladder(load_checkpoint(src).requires_grad_(False), ex, batches=(1, 3), generate_tokens=128,
-                         progress=say)
-    click.echo(rep["summary"])
-    write_json(out / "parity.json", rep)
+                         progress=say, threads=threads)
+    write_json(parity_json, rep)
+    verbose(rep["summary"])
+    click.echo(rung_table(rep))
     if not rep["passed"]:
-        raise click.ClickException(f"parity FAILED; the report is {out / 'parity.json'}")
-    say("== 4/4 generate (ONNX Runtime)")
-    from ressformer.runtime import ReSSFormerSession
+        raise click.ClickException(f"parity FAILED at rung {rep['first_failing_rung']}; every comparison is in "
+                                   f"{parity_json}")
+    _verdict(f"{parity_verdict(rep)} ({_dur(time.perf_counter() - t0)})")
 
+    say("\n== 4/4 generate with ONNX Runtime (the runtime alone: numpy + onnxruntime)")
     sess = ReSSFormerSession(ex, threads=threads)
-    prompt = "ROMEO:\n"
+    prompt, dec, n = "ROMEO:\n", sess.tokenizer.stream_decoder(), 0
     click.echo(prompt, nl=False)
-    for piece in sess.generate_text(prompt, max_new_tokens=300, temperature=0.8, top_p=0.95, seed=0):
-        click.echo(piece, nl=False)
-    click.echo(f"\n\ndone: checkpoint {src}, export {ex}, parity report {out / 'parity.json'}")
+    t0 = time.perf_counter()
+    for tok in sess.generate(prompt, max_new_tokens=300, temperature=0.8, top_p=0.95, seed=0):
+        click.echo(dec(tok), nl=False)
+        n += 1
+    dt = time.perf_counter() - t0
+    click.echo()
+    _verdict(f"generation at {n / dt:,.0f} tokens/s ({n} tokens in {dt:.1f}s; temperature 0.8, top-p 0.95, seed 0)")
+    say(f"   Expect rough text: a {res['n_params']:,}-parameter model after {steps} steps has learned the shape of "
+        "a play (names, line breaks, short words), not English. Longer training: docs/training.md.")
+
+    say(f"\nfiles written in {out}:")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        say(f"  {str(path.relative_to(out)):34} {path.stat().st_size:>10,} B  {_describe(path)}")
+    q = shlex.quote
+    say("\nnext:\n" + "\n".join(f"  {c}" for c in (
+        f"ressformer generate {q(str(ex))} --prompt 'JULIET:' --prompt 'KING HENRY:'   # a batch of prompts",
+        f"ressformer generate {q(str(ex))} --interactive   # a chat; the state carries over between turns",
+        f"ressformer score {q(str(ex))} README.md   # bits per byte of any text",
+        f"less {q(str(ex / 'README.md'))}   # the model card: config, hashes, validation, how to run it",
+        "ressformer train --steps 3000 --threads 1 --out runs/tiny   # longer training, better text")))
+    _verdict(f"demo finished in {_dur(time.perf_counter() - t_demo)}")
+
+
+def _verdict(line: str) -> None:
+    """A stage's one-line result (shown with --quiet too)."""
+    click.echo(f">> {line}")
+
+
+def _dur(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def _describe(path: Path) -> str:
+    name, parent = path.name, path.parent.name
+    known = {"config.json": "model config + checkpoint hashes", "model.safetensors": "the trained weights",
+             "train_state.safetensors": "optimizer and RNG state (resume with train --resume)",
+             "metrics.jsonl": "loss per step, validation bits per byte", "loss.png": "the loss curves",
+             "ressformer.json": "the sidecar: config, graphs, hashes, generation defaults",
+             "README.md": "the model card", "validation.json": "the export's validation report",
+             "parity.json": "the parity ladder's report, every comparison"}
+    if name.endswith(".onnx"):
+        return "ONNX graph"
+    return known.get(name, "") or ("checkpoint file" if parent == "ckpt" else "")
+
+
+RUNGS = ("ops", "step", "segment", "stream", "decode", "generate")
+
+
+def rung_table(rep: dict) -> str:
+    """The parity report per rung: comparisons, the worst error next to its tolerance, flips."""
+    rows = rep["rows"]
+    hdr = f"{'rung':8} {'compared':>8}  {'worst error':>11}  {'tolerance a, r':>14}  {'flips':>5}  {'result':6}  where"
+    lines = [hdr, "-" * (len(hdr) + 30)]
+    for rung in [r for r in RUNGS if any(x["rung"] == r for x in rows)] + \
+            sorted({x["rung"] for x in rows} - set(RUNGS)):
+        rs = [x for x in rows if x["rung"] == rung]
+        flips, ok = sum(x["flips"] for x in rs), all(x["passed"] for x in rs)
+        if rung == "generate":
+            n = sum(x["compared"] for x in rs)
+            worst, tol, where = "0", "exact", f"{n} greedy tokens {'(a tie accepted)' if flips else 'identical'}"
+        else:
+            w = max(rs, key=lambda x: x["max_abs"])
+            worst, tol = f"{w['max_abs']:.1e}", f"{w['atol']:.0e}, {w['rtol']:.0e}"
+            where = f"{w['case']}: {w['output']}"
+        result = "passed" if ok else "FAILED"
+        lines.append(f"{rung:8} {len(rs):8}  {worst:>11}  {tol:>14}  {flips:5}  {result:6}  {where}")
+    lines.append("error: max |ORT - PyTorch|; an output passes iff |ORT - PyTorch| <= a * max|PyTorch| + r * "
+                 "|PyTorch| elementwise. flips: near-tie top-k choices made differently (accepted below a margin; "
+                 "docs/parity.md)")
+    return "\n".join(lines)
+
+
+def parity_verdict(rep: dict) -> str:
+    """One line: passed or failed, the worst error against its tolerance."""
+    rows = [x for x in rep["rows"] if x["rung"] != "generate" and x["compared"]]
+    w = max(rows, key=lambda x: x["max_abs"] / max(x["atol"], 1e-30))
+    gen = [x for x in rep["rows"] if x["rung"] == "generate"]
+    return (f"parity {'passed' if rep['passed'] else 'FAILED'}: worst error {w['max_abs']:.1e} ({w['rung']}, "
+            f"{w['case']}: {w['output']}) against tolerance {w['atol']:.0e} x max|PyTorch| + {w['rtol']:.0e} x "
+            "|PyTorch|, "
+            f"{len(rep['rows'])} comparisons on {len({x['rung'] for x in rep['rows']})} rungs"
+            + (f", {gen[0]['compared']} greedy tokens identical" if gen and all(x["passed"] for x in gen) else ""))
 
 
 def _check_sidecar(export_dir) -> dict:
