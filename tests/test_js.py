@@ -73,12 +73,17 @@ def test_node_runtime_matches_python(js_references):
 @pytest.mark.browser
 def test_browser_demo_streams_python_greedy_text(js_references, tmp_path):
     """The demo page (runtime/js/demo/) in headless Chromium, served over HTTP on 127.0.0.1: it loads the
-    export with onnxruntime-web and shows the Python runtime's greedy text. Set RESSFORMER_JS_SCREENSHOT
-    (e.g. docs/img/js-demo.png) to keep the screenshot."""
+    export with onnxruntime-web and shows the Python runtime's greedy text; it refuses an edited sidecar
+    and a folder without one. Set RESSFORMER_JS_SCREENSHOT (e.g. docs/img/js-demo.png) to keep the
+    screenshot."""
     _node()
     cr = _module("chromium")
     ref = js_references[1]  # the export whose greedy output varies
-    server = cr.Server({"js": JS, "export": Path(ref["export"])})
+    edited = tmp_path / "edited"  # the same export with a model field edited: the page must refuse it
+    shutil.copytree(ref["export"], edited)
+    sidecar = edited / "ressformer.json"
+    sidecar.write_text(sidecar.read_text().replace('"top_k": 8', '"top_k": 4', 1))
+    server = cr.Server({"js": JS, "export": Path(ref["export"]), "edited": edited})
     browser = cr.Chromium()
     try:
         query = urllib.parse.urlencode({"export": "/export/", "prompt": ref["prompt"], "tokens": 128,
@@ -95,6 +100,11 @@ def test_browser_demo_streams_python_greedy_text(js_references, tmp_path):
         browser.screenshot(shot)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         print(json.dumps({"browser_tokens_per_s": result["tokensPerSecond"], "screenshot": str(shot)}))
+        for folder, error in (("edited", "was edited: its model fields no longer match model_sha256"),
+                              ("missing", "has no ressformer.json: not a ressformer export folder")):
+            query = urllib.parse.urlencode({"export": f"/{folder}/", "prompt": "x", "tokens": 4, "auto": 1})
+            bad = browser.run_demo(f"{server.url}js/demo/index.html?{query}", timeout=120)
+            assert not bad["ok"] and error in bad["error"], bad
     finally:
         browser.close()
         server.close()
