@@ -168,8 +168,10 @@ class MoE(nn.Module):
 
     @classmethod
     def grouped_ok(cls, x) -> bool:
-        """torch._grouped_mm runs float32/bfloat16/float16 on a CPU; on CUDA (torch 2.11) bfloat16 only."""
-        ok = (torch.bfloat16,) if x.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+        """torch._grouped_mm runs float32/bfloat16/float16 on a CPU, but on CUDA (torch 2.11) and in
+        its meta function (what torch.compile traces with) bfloat16 only."""
+        bf16_only = x.device.type == "cuda" or torch.compiler.is_compiling()
+        ok = (torch.bfloat16,) if bf16_only else (torch.float32, torch.bfloat16, torch.float16)
         return hasattr(torch, "_grouped_mm") and cls.compute_dtype(x) in ok
 
     def grouped(self, xf, gates, experts):

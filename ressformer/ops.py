@@ -166,6 +166,10 @@ _NORM_OPS = {"entmax15": _entmax15_op, "sparsemax": _sparsemax_op, "softmax": so
 BRANCH_FREE: bool | None = None
 
 
+def _branch_free(device: torch.device) -> bool:
+    return BRANCH_FREE if BRANCH_FREE is not None else device.type != "cpu"
+
+
 def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
     """`x.topk(k, dim=-1)` (sorted, descending) with ties broken toward the lower index, as ONNX
     TopK specifies; torch.topk leaves the order (and which tied entries make the cut) unspecified.
@@ -180,7 +184,7 @@ def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
     if k == 0 or x.numel() == 0:
         return x.topk(k, dim=-1)
     if branch_free is None:
-        branch_free = BRANCH_FREE if BRANCH_FREE is not None else x.device.type != "cpu"
+        branch_free = _branch_free(x.device)
     val, idx = x.topk(min(k + 1, n), dim=-1)  # one extra: does a tie straddle the cut?
     # a finite tie straddles the cut (NaN never ties; which -inf entries make it does not matter)
     bad = (val[..., k:k + 1] == val[..., k - 1:k]) & (val[..., k - 1:k] > float("-inf")) if k < n else None
@@ -218,10 +222,15 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
     kk = N if top_k <= 0 else min(top_k, N)
     norm = _NORM_OPS[normalizer]  # custom ops: their closed-form backward, also in the recompute
     chunk = chunk if chunk > 0 else max(T, 1)
+    trim = not _branch_free(q.device)  # on a CPU: reading the mask costs no device sync
     outs, idxs, ws = [], [], []
     for s in range(0, T, chunk):
-        qc, mc = q[..., s:s + chunk, :], mask[s:s + chunk]
-        sc = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, N); in place: one buffer
+        qc, mc, kc, vc = q[..., s:s + chunk, :], mask[s:s + chunk], k, v
+        if trim and kk < N:  # drop the trailing keys no query of the chunk may see (the causal tail):
+            # they are -inf for every row, never picked before a candidate; ties keep index order
+            n_c = max(kk, N - int(mc.any(0).flip(0).int().argmax()) if bool(mc.any()) else kk)
+            mc, kc, vc = mc[:, :n_c], k[..., :n_c, :], v[..., :n_c, :]
+        sc = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)  # (B, H, t, N); in place: one buffer
         sc.masked_fill_(~mc, float("-inf"))
         val, idx = topk_lower_index(sc, kk)  # sorted, descending, ties: lower index
         if val.requires_grad:  # autograd through the kernel (the reference path)
@@ -230,7 +239,7 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
         else:  # the custom op's forward: the normalizer on the sorted values, sc's buffer reused
             w = KERNELS[normalizer](val, presorted=True)
             dense = sc.zero_().scatter_(-1, idx, w)
-        outs.append(torch.matmul(dense, v))
+        outs.append(torch.matmul(dense, vc))
         idxs.append(idx)
         ws.append(w)
     if T == 0:
