@@ -21,8 +21,9 @@ ressformer = Opset(DOMAIN, OPSET_VERSION)
 
 
 @script(ressformer, default_opset=op)
-def Entmax15(X: FLOAT) -> FLOAT:
-    """Y = entmax15(X) along the last axis: Y = [X/2 - tau]_+^2 with sum(Y) = 1."""
+def Entmax15Sorted(X: FLOAT) -> FLOAT:
+    """Entmax15 of X already sorted in descending order along the last axis (TopK's output, as in
+    TopKAttention): the sort-free body of Entmax15."""
     Xh = X * op.CastLike(op.Constant(value_float=0.5), X)
     mx = op.ReduceMax(Xh, op.Constant(value_ints=[-1]), keepdims=1)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
@@ -30,9 +31,8 @@ def Entmax15(X: FLOAT) -> FLOAT:
     # a row of only -inf has max -inf. Equal, not IsInf: IsInf-10 (opsets 18, 19) has no float16.
     valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
     mx0 = op.Where(valid, mx, zero)
-    Z = op.Max(op.Sub(Xh, mx0), op.CastLike(op.Constant(value_float=-2.0), X))
+    Zs = op.Max(op.Sub(Xh, mx0), op.CastLike(op.Constant(value_float=-2.0), X))  # a monotone map: still sorted
     n = op.Shape(X, start=-1)
-    Zs, _ = op.TopK(Z, n, axis=-1, largest=1, sorted=1)
     rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
                      op.Constant(value_int=1))
     rho = op.CastLike(rho_i, X)
@@ -49,61 +49,6 @@ def Entmax15(X: FLOAT) -> FLOAT:
     support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
     tau_star = op.ReduceSum(op.Where(op.Equal(rho_i, support), tau, zero), op.Constant(value_ints=[-1]),
                             keepdims=1)
-    Yp = op.Max(Z - tau_star, zero)
-    Y = op.Where(valid, Yp * Yp, zero)
-    return Y
-
-
-@script(ressformer, default_opset=op)
-def Sparsemax(X: FLOAT) -> FLOAT:
-    """Y = sparsemax(X) along the last axis: Y = [X - tau]_+ with sum(Y) = 1."""
-    mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
-    zero = op.CastLike(op.Constant(value_float=0.0), X)
-    one = op.CastLike(op.Constant(value_float=1.0), X)
-    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
-    mx0 = op.Where(valid, mx, zero)
-    Z = op.Max(op.Sub(X, mx0), op.CastLike(op.Constant(value_float=-2.0), X))
-    n = op.Shape(X, start=-1)
-    Zs, _ = op.TopK(Z, n, axis=-1, largest=1, sorted=1)
-    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
-                     op.Constant(value_int=1))
-    rho = op.CastLike(rho_i, X)
-    cs = op.CumSum(Zs, op.Constant(value_int=-1)) - one
-    # Support size = length of the leading run of (rho * Zs > cs), in int64 (see Entmax15).
-    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.Greater(rho * Zs, cs)), to=INT64.dtype),
-                              op.Constant(value_int=-1)), op.Constant(value_int=0))
-    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
-    tau = op.ReduceSum(op.Where(op.Equal(rho_i, support), cs, zero), op.Constant(value_ints=[-1]),
-                       keepdims=1) / op.CastLike(support, X)
-    Y = op.Where(valid, op.Max(Z - tau, zero), zero)
-    return Y
-
-
-@script(ressformer, default_opset=op)
-def Entmax15Sorted(X: FLOAT) -> FLOAT:
-    """Entmax15 of X already sorted in descending order along the last axis (TopK's output):
-    the same computation without the sort. Internal to TopKAttention."""
-    Xh = X * op.CastLike(op.Constant(value_float=0.5), X)
-    mx = op.ReduceMax(Xh, op.Constant(value_ints=[-1]), keepdims=1)
-    zero = op.CastLike(op.Constant(value_float=0.0), X)
-    one = op.CastLike(op.Constant(value_float=1.0), X)
-    valid = op.Not(op.Equal(mx, op.CastLike(op.Constant(value_float=float("-inf")), X)))
-    mx0 = op.Where(valid, mx, zero)
-    Zs = op.Max(op.Sub(Xh, mx0), op.CastLike(op.Constant(value_float=-2.0), X))  # sorted: monotone map
-    n = op.Shape(X, start=-1)
-    rho_i = op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(n), op.Constant(value_int=1)),
-                     op.Constant(value_int=1))
-    rho = op.CastLike(rho_i, X)
-    mean = op.CumSum(Zs, op.Constant(value_int=-1)) / rho
-    mean_sq = op.CumSum(Zs * Zs, op.Constant(value_int=-1)) / rho
-    ss = rho * (mean_sq - mean * mean)
-    delta = op.Max((one - ss) / rho, zero)
-    tau = mean - op.Sqrt(delta)
-    lead = op.Equal(op.CumSum(op.Cast(op.Not(op.LessOrEqual(tau, Zs)), to=INT64.dtype),
-                              op.Constant(value_int=-1)), op.Constant(value_int=0))
-    support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
-    tau_star = op.ReduceSum(op.Where(op.Equal(rho_i, support), tau, zero), op.Constant(value_ints=[-1]),
-                            keepdims=1)
     Yp = op.Max(Zs - tau_star, zero)
     Y = op.Where(valid, Yp * Yp, zero)
     return Y
@@ -111,8 +56,8 @@ def Entmax15Sorted(X: FLOAT) -> FLOAT:
 
 @script(ressformer, default_opset=op)
 def SparsemaxSorted(X: FLOAT) -> FLOAT:
-    """Sparsemax of X already sorted in descending order along the last axis: the same
-    computation without the sort. Internal to TopKAttention."""
+    """Sparsemax of X already sorted in descending order along the last axis: the sort-free body
+    of Sparsemax."""
     mx = op.ReduceMax(X, op.Constant(value_ints=[-1]), keepdims=1)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
     one = op.CastLike(op.Constant(value_float=1.0), X)
@@ -124,6 +69,7 @@ def SparsemaxSorted(X: FLOAT) -> FLOAT:
                      op.Constant(value_int=1))
     rho = op.CastLike(rho_i, X)
     cs = op.CumSum(Zs, op.Constant(value_int=-1)) - one
+    # Support size = length of the leading run of (rho * Zs > cs), in int64 (see Entmax15Sorted).
     lead = op.Equal(op.CumSum(op.Cast(op.Not(op.Greater(rho * Zs, cs)), to=INT64.dtype),
                               op.Constant(value_int=-1)), op.Constant(value_int=0))
     support = op.ReduceSum(op.Cast(lead, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=1)
@@ -131,6 +77,28 @@ def SparsemaxSorted(X: FLOAT) -> FLOAT:
                        keepdims=1) / op.CastLike(support, X)
     Y = op.Where(valid, op.Max(Zs - tau, zero), zero)
     return Y
+
+
+@script(ressformer, default_opset=op)
+def Entmax15(X: FLOAT) -> FLOAT:
+    """Y = entmax15(X) along the last axis: Y = [X/2 - tau]_+^2 with sum(Y) = 1. Sorts X
+    (descending; ties: lower index first), applies Entmax15Sorted, and scatters back."""
+    n = op.Shape(X, start=-1)
+    Xs, order = op.TopK(X, n, axis=-1, largest=1, sorted=1)
+    Ys = ressformer.Entmax15Sorted(Xs)
+    return op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), X), op.Shape(X)), order, Ys,
+                              axis=-1)
+
+
+@script(ressformer, default_opset=op)
+def Sparsemax(X: FLOAT) -> FLOAT:
+    """Y = sparsemax(X) along the last axis: Y = [X - tau]_+ with sum(Y) = 1. Sorts X, applies
+    SparsemaxSorted, and scatters back."""
+    n = op.Shape(X, start=-1)
+    Xs, order = op.TopK(X, n, axis=-1, largest=1, sorted=1)
+    Ys = ressformer.SparsemaxSorted(Xs)
+    return op.ScatterElements(op.Expand(op.CastLike(op.Constant(value_float=0.0), X), op.Shape(X)), order, Ys,
+                              axis=-1)
 
 
 @script(ressformer, default_opset=op)
@@ -237,8 +205,8 @@ def function_protos(normalizer: str, opset: int = BASE_OPSET) -> list[onnx.Funct
     needs that order), with the default-domain import set to the model's opset."""
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"unsupported opset {opset}; supported: {SUPPORTED_OPSETS}")
-    protos = [Entmax15.to_function_proto(), Sparsemax.to_function_proto(), Entmax15Sorted.to_function_proto(),
-              SparsemaxSorted.to_function_proto(), SafeSoftmax.to_function_proto(), TopKRoute.to_function_proto(),
+    protos = [Entmax15Sorted.to_function_proto(), SparsemaxSorted.to_function_proto(), Entmax15.to_function_proto(),
+              Sparsemax.to_function_proto(), SafeSoftmax.to_function_proto(), TopKRoute.to_function_proto(),
               topk_attention_proto(normalizer)]
     for p in protos:
         for imp in p.opset_import:
