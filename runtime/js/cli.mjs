@@ -2,7 +2,7 @@
 // node runtime/js/cli.mjs EXPORT_DIR --prompt TEXT --max-new-tokens N [--temperature T --top-k K --top-p P
 //   --seed S --repetition-penalty R --stop TEXT ... --steps K --threads N --stats]
 // Prints the generated text as it is produced (`--temperature 0` is greedy); options left out take the
-// export's `generation` defaults. --stats: tokens/s on stderr. Errors: one line; exit 2 (usage) or 1.
+// export's `generation` defaults. --steps K: test-time depth (the step graphs where K is not unrolled). --stats: tokens/s on stderr. Errors: one line; exit 2 (usage) or 1.
 import { parseArgs } from 'node:util';
 
 const USAGE = 'usage: node cli.mjs EXPORT_DIR --prompt TEXT --max-new-tokens N [--temperature T] [--top-k K] ' +

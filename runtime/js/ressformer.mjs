@@ -3,8 +3,9 @@
 // One dependency-free ES module. The caller passes the ONNX Runtime binding it uses (`onnxruntime-node`
 // in Node, `onnxruntime-web` in a browser): the module only calls `ort.InferenceSession.create`,
 // `session.run` and `new ort.Tensor`, so the same code runs on both. It mirrors the Python runtime
-// (runtime/session.py, runtime/sampling.py): same checks, same errors, same sampling; the unrolled path
-// only (one `piece_kK` run per piece, one `segment_end_kK` run per segment end).
+// (runtime/session.py, runtime/sampling.py): same checks, same errors, same sampling. Two paths, as in
+// Python: unrolled (one `piece_kK` run per piece, one `segment_end_kK` run per segment end; the default
+// where the export unrolled K) and steps (embed, K x step, head; K x memory at a segment's end: any K).
 //
 //   import * as ort from 'onnxruntime-node';
 //   import { load } from './ressformer.mjs';
@@ -30,17 +31,17 @@ export class ModelError extends Error {
 
 /**
  * Load an export folder: a path (Node) or a URL (browser, or http(s) in Node). options: `ort` (the
- * ONNX Runtime module, required), `steps` (K; default: the trained K; must be unrolled in the export),
- * `threads` (intra-op threads, Node), `verifyHashes` (default true), `sessionOptions` (merged into
- * ONNX Runtime's), `executionProviders`.
+ * ONNX Runtime module, required), `steps` (K; default: the trained K), `path` ('unrolled' | 'steps';
+ * default: unrolled where the export unrolled K, else steps), `threads` (intra-op threads, Node),
+ * `verifyHashes` (default true), `sessionOptions` (merged into ONNX Runtime's), `executionProviders`.
  */
 export async function load(source, options = {}) {
-  const { ort, steps, threads, verifyHashes = true, sessionOptions = {}, executionProviders } = options;
+  const { ort, steps, path, threads, verifyHashes = true, sessionOptions = {}, executionProviders } = options;
   if (!ort || typeof ort.InferenceSession?.create !== 'function' || typeof ort.Tensor !== 'function') {
     throw new TypeError('load(source, { ort }): pass the ONNX Runtime module (onnxruntime-node or onnxruntime-web)');
   }
   for (const k of Object.keys(options)) {
-    if (!['ort', 'steps', 'threads', 'verifyHashes', 'sessionOptions', 'executionProviders'].includes(k)) {
+    if (!['ort', 'steps', 'path', 'threads', 'verifyHashes', 'sessionOptions', 'executionProviders'].includes(k)) {
       throw new TypeError(`unknown load option '${k}'`);
     }
   }
@@ -53,17 +54,24 @@ export async function load(source, options = {}) {
   const trained = Number(meta.steps);
   const K = steps === undefined ? trained : steps;
   if (!Number.isInteger(K) || K < 1) throw new RangeError(`steps must be a positive integer (K, the recurrent depth), got ${K}`);
-  const names = meta.unrolled[String(K)];
-  if (!names) {
-    throw new ModelError(`this export has unrolled graphs for K in [${Object.keys(meta.unrolled)}], not ${K}; ` +
-      `re-export with --steps ${K} (the JavaScript runtime runs the unrolled graphs only)`);
+  if (path !== undefined && !['unrolled', 'steps'].includes(path)) {
+    throw new RangeError(`unknown path '${path}'; use one of unrolled, steps`);
   }
+  const names = meta.unrolled[String(K)];
+  if (path === 'unrolled' && !names) {
+    throw new RangeError(`this export has unrolled graphs for K in [${Object.keys(meta.unrolled)}], not ${K}; ` +
+      "use path 'steps' or re-export with --steps");
+  }
+  const chosen = path ?? (names ? 'unrolled' : 'steps');
+  const roles = chosen === 'unrolled' ? [['init', 'init'], ['piece', names.piece], ['end', names.segment_end]]
+    : [['init', 'init'], ['embed', 'embed'], ['step', 'step'], ['head', 'head'], ['memory', 'memory']];
   const base = { graphOptimizationLevel: 'all', logSeverityLevel: 3, ...sessionOptions };
   if (executionProviders) base.executionProviders = executionProviders;
   if (threads) Object.assign(base, { intraOpNumThreads: threads, interOpNumThreads: 1 });
   const graphs = {};
-  for (const [role, name] of [['init', 'init'], ['piece', names.piece], ['end', names.segment_end]]) {
+  for (const [role, name] of roles) {
     const g = meta.graphs[name];
+    if (!g) throw new ModelError(`${files.where(SIDECAR)} names no graph for ['${name}']`);
     const bytes = await files.bytes(g.file, `graph file ${g.file} (${name}) is missing from ${files.where('')}`);
     const extra = bytes.length < g.bytes ? await files.bytes(`${g.file}.data`, `${g.file}.data is missing`) : null;
     if (verifyHashes && g.sha256 && await sha256Hex(extra ? [bytes, extra] : [bytes]) !== g.sha256) {
@@ -78,7 +86,8 @@ export async function load(source, options = {}) {
       }
     }
     // The hot graph's idle workers may spin; the others' may not (runtime/session.py explains why).
-    const opts = role === 'piece' ? base : { ...base, extra: { session: { intra_op: { allow_spinning: '0' } } } };
+    const hot = role === 'piece' || role === 'step';
+    const opts = hot ? base : { ...base, extra: { session: { intra_op: { allow_spinning: '0' } } } };
     try {
       // External data (weights over 1.8 GB) needs the path: Node only.
       graphs[role] = await ort.InferenceSession.create(extra ? files.path(g.file) : bytes, opts);
@@ -86,7 +95,7 @@ export async function load(source, options = {}) {
       throw new ModelError(`ONNX Runtime cannot load ${g.file}: ${e.message ?? e}`);
     }
   }
-  return new ReSSFormer(meta, graphs, ort, K);
+  return new ReSSFormer(meta, graphs, ort, K, chosen);
 }
 
 /** Read access to an export folder: a filesystem path in Node, else a URL read with fetch. */
@@ -354,7 +363,7 @@ function* protoFields(buf) {
 // ---- the model --------------------------------------------------------------------------------------
 
 export class ReSSFormer {
-  constructor(meta, graphs, ort, steps) {
+  constructor(meta, graphs, ort, steps, path) {
     const cfg = meta.config;
     this.meta = meta;
     this.config = cfg;
@@ -366,6 +375,7 @@ export class ReSSFormer {
     this.headDim = this.dModel / this.nHeads;
     this.convWidth = Math.max(Number(cfg.conv_kernel) - 1, 0);
     this.steps = steps;
+    this.path = path;
     this.generation = { ...GENERATION_FALLBACK, ...(meta.generation ?? {}) };
     this.fingerprint = String(meta.checkpoint_sha256).slice(0, 16);
     this.graphs = graphs;
@@ -380,16 +390,31 @@ export class ReSSFormer {
   #zeros(dims) { return new this.ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)), dims); }
   #int64(value) { return new this.ort.Tensor('int64', BigInt64Array.of(BigInt(value)), []); }
 
+  /** x (S, ...) -> its t-th slice (...), sharing x's data. */
+  #slice(x, t) {
+    const n = x.data.length / x.dims[0];
+    return new this.ort.Tensor('float32', x.data.subarray(t * n, (t + 1) * n), x.dims.slice(1));
+  }
+
+  /** S tensors of equal shape (...) -> one (S, ...). */
+  #stack(xs) {
+    const n = xs[0].data.length, out = new Float32Array(xs.length * n);
+    xs.forEach((x, t) => out.set(x.data, t * n));
+    return new this.ort.Tensor('float32', out, [xs.length, ...xs[0].dims]);
+  }
+
   /** The initial recurrent state for a batch (docs/runtime-contract.md, "The state"). */
   async initState(batch = 1) {
     if (!Number.isInteger(batch) || batch < 1) throw new RangeError(`batch must be a positive integer, got ${batch}`);
     const { nHeads: H, headDim: D, cacheLen: C, steps: S } = this;
     const r = await this.graphs.init.run({ tokens: new this.ort.Tensor('int64', new BigInt64Array(batch), [batch, 1]) });
+    const unrolled = this.path === 'unrolled'; // the step graphs compute the memory's keys/values themselves
     return {
-      pos: 0, conv: this.#zeros([batch, this.convWidth, this.dModel]), memory: r.memory, memK: r.mem_k, memV: r.mem_v,
+      pos: 0, conv: this.#zeros([batch, this.convWidth, this.dModel]), memory: r.memory,
+      memK: unrolled ? r.mem_k : null, memV: unrolled ? r.mem_v : null,
       cacheK: this.#zeros([S, batch, H, C, D]), cacheV: this.#zeros([S, batch, H, C, D]), cacheValid: 0,
       pastK: this.#zeros([S, batch, H, 0, D]), pastV: this.#zeros([S, batch, H, 0, D]),
-      owner: this.fingerprint, batch, steps: S,
+      owner: this.fingerprint, batch, steps: S, path: this.path,
     };
   }
 
@@ -422,6 +447,7 @@ export class ReSSFormer {
     if (state.owner !== this.fingerprint) throw new Error('state belongs to another model (checkpoint hash differs)');
     if (state.batch !== batch) throw new RangeError(`state has batch ${state.batch} but tokens have batch ${batch}`);
     if (state.steps !== this.steps) throw new RangeError(`state was built for ${state.steps} steps, this model runs ${this.steps}`);
+    if (state.path !== this.path) throw new RangeError(`state was built for the ${state.path} path, this model runs ${this.path}`);
   }
 
   /**
@@ -439,25 +465,66 @@ export class ReSSFormer {
       const n = Math.min(T - i, L - (s.pos % L));
       const piece = new BigInt64Array(B * n);
       for (let b = 0; b < B; b++) piece.set(data.subarray(b * T + i, b * T + i + n), b * n);
-      const r = await this.graphs.piece.run({
-        tokens: new this.ort.Tensor('int64', piece, [B, n]), pos: this.#int64(s.pos), conv: s.conv,
-        mem_k: s.memK, mem_v: s.memV, cache_k: s.cacheK, cache_v: s.cacheV, cache_valid: this.#int64(s.cacheValid),
-        past_k: s.pastK, past_v: s.pastV,
-      }, ['logits', 'conv_out', 'present_k', 'present_v']);
-      const lg = r.logits.data; // (B, n, V)
+      const run = this.path === 'unrolled' ? this.#pieceUnrolled : this.#pieceSteps;
+      let lg;
+      ({ logits: lg, state: s } = await run.call(this, new this.ort.Tensor('int64', piece, [B, n]), s));
       for (let b = 0; b < B; b++) logits.set(lg.subarray(b * n * V, (b + 1) * n * V), (b * T + i) * V);
-      s = { ...s, pos: s.pos + n, conv: r.conv_out, pastK: r.present_k, pastV: r.present_v };
-      if (s.pos % L === 0) { // the segment is complete
-        const e = await this.graphs.end.run({ memory: s.memory, seg_k: s.pastK, seg_v: s.pastV });
-        const empty = [this.steps, B, this.nHeads, 0, this.headDim];
-        s = {
-          ...s, memory: e.memory_out, memK: e.mem_k_out, memV: e.mem_v_out, cacheK: e.cache_k_out,
-          cacheV: e.cache_v_out, cacheValid: this.cacheLen, pastK: this.#zeros(empty), pastV: this.#zeros(empty),
-        };
-      }
       i += n;
     }
     return { logits, dims: [B, T, V], state: s };
+  }
+
+  /** One piece through piece_kK; at a segment's end, segment_end_kK. */
+  async #pieceUnrolled(tokens, s) {
+    const r = await this.graphs.piece.run({
+      tokens, pos: this.#int64(s.pos), conv: s.conv, mem_k: s.memK, mem_v: s.memV, cache_k: s.cacheK,
+      cache_v: s.cacheV, cache_valid: this.#int64(s.cacheValid), past_k: s.pastK, past_v: s.pastV,
+    }, ['logits', 'conv_out', 'present_k', 'present_v']);
+    s = { ...s, pos: s.pos + tokens.dims[1], conv: r.conv_out, pastK: r.present_k, pastV: r.present_v };
+    if (s.pos % this.segmentLen === 0) { // the segment is complete
+      const e = await this.graphs.end.run({ memory: s.memory, seg_k: s.pastK, seg_v: s.pastV });
+      s = { ...s, memory: e.memory_out, memK: e.mem_k_out, memV: e.mem_v_out, cacheK: e.cache_k_out,
+        cacheV: e.cache_v_out, ...this.#emptySegment(s) };
+    }
+    return { logits: r.logits.data, state: s };
+  }
+
+  /** One piece through embed, K x step, head; at a segment's end, K x memory (the steps in order). */
+  async #pieceSteps(tokens, s) {
+    const g = this.graphs;
+    const e = await g.embed.run({ tokens, conv: s.conv });
+    const pos = this.#int64(s.pos), valid = this.#int64(s.cacheValid);
+    let h = e.h;
+    const pk = [], pv = [];
+    for (let t = 0; t < this.steps; t++) {
+      const r = await g.step.run({
+        h, step: this.#int64(t), pos, memory: s.memory, cache_k: this.#slice(s.cacheK, t),
+        cache_v: this.#slice(s.cacheV, t), cache_valid: valid, past_k: this.#slice(s.pastK, t),
+        past_v: this.#slice(s.pastV, t),
+      }, ['h_out', 'present_k', 'present_v']);
+      h = r.h_out;
+      pk.push(r.present_k);
+      pv.push(r.present_v);
+    }
+    const logits = (await g.head.run({ h })).logits.data;
+    s = { ...s, pos: s.pos + tokens.dims[1], conv: e.conv_out, pastK: this.#stack(pk), pastV: this.#stack(pv) };
+    if (s.pos % this.segmentLen === 0) {
+      let memory = s.memory;
+      const ck = [], cv = [];
+      for (let t = 0; t < this.steps; t++) {
+        const r = await g.memory.run({ memory, seg_k: pk[t], seg_v: pv[t] }, ['memory_out', 'cache_k_out', 'cache_v_out']);
+        memory = r.memory_out;
+        ck.push(r.cache_k_out);
+        cv.push(r.cache_v_out);
+      }
+      s = { ...s, memory, cacheK: this.#stack(ck), cacheV: this.#stack(cv), ...this.#emptySegment(s) };
+    }
+    return { logits, state: s };
+  }
+
+  #emptySegment(s) {
+    const empty = [this.steps, s.batch, this.nHeads, 0, this.headDim];
+    return { cacheValid: this.cacheLen, pastK: this.#zeros(empty), pastV: this.#zeros(empty) };
   }
 
   /** The export's generation defaults (sidecar `generation`) overridden by options, checked. */

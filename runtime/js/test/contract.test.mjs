@@ -49,7 +49,9 @@ test('loading refuses a missing folder, a missing sidecar or graph, a wrong form
   await refused(editSidecar(/"unrolled"/, '"unrolled_"'), /has no 'unrolled' entry/);
   await refused(editedCopy((d) => writeFileSync(join(d, 'ressformer.json'), '{"format": ')), /is corrupted/);
   await assert.rejects(load(exportDir, {}), /pass the ONNX Runtime module/);
-  await assert.rejects(load(exportDir, { ort, steps: 3 }), /unrolled graphs for K in \[2\], not 3/);
+  await assert.rejects(load(exportDir, { ort, steps: 3, path: 'unrolled' }), /unrolled graphs for K in \[2\], not 3/);
+  await assert.rejects(load(exportDir, { ort, path: 'fast' }), /unknown path 'fast'/);
+  assert.equal((await load(exportDir, { ort, steps: 3 })).path, 'steps', 'a K not unrolled runs the step graphs');
   await assert.rejects(load(exportDir, { ort, threads: 0 }), /threads must be a positive integer/);
 });
 
@@ -91,6 +93,8 @@ test('bad tokens, states and options are refused with a clear message', async ()
   const { state } = await model.forward([[1, 2]]);
   await assert.rejects(model.forward([[1], [2]], state), /state has batch 1 but tokens have batch 2/);
   await assert.rejects(model.forward([[1]], { pastK: 1 }), /belongs to another model/);
+  const steps = await load(exportDir, { ort, path: 'steps' });
+  await assert.rejects(steps.forward([[1]], state), /state was built for the unrolled path, this model runs steps/);
   const first = (o) => model.generate('hi', o).next();
   await assert.rejects(first({ temperature: -1 }), /temperature must be a finite number >= 0/);
   await assert.rejects(first({ topK: 1.5 }), /topK must be an integer >= 0/);

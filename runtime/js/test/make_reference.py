@@ -2,7 +2,8 @@
 
 `write_reference(export_dir, out, tolerance)` runs `ReSSFormerSession` (threads=1) on fixed inputs and
 writes a JSON file: logits fed whole and token by token, greedy generation (plain and with a repetition
-penalty), bits per byte, sampling decisions for fixed uniforms, and canonical-JSON cases.
+penalty), the step-graph path (trained K and K + 1), bits per byte, sampling decisions for fixed
+uniforms, and canonical-JSON cases.
 tests/test_js.py calls it on two tiny exports: `tiny_export` (tests/conftest.py; small logits, checked
 within 1e-5, but its greedy output is one byte repeated) and a strongly perturbed one whose generation
 varies (logits up to ~9: float32 rounding alone moves them by ~2e-5 in Python and ~1e-4 in
@@ -48,6 +49,11 @@ def write_reference(export_dir, out, tolerance: float) -> dict:
     greedy = list(s.generate(PROMPT, max_new_tokens=N_GREEDY, temperature=0))
     text = "".join(s.generate_text(PROMPT, max_new_tokens=N_GREEDY, temperature=0))
     penalized = list(s.generate(PROMPT, max_new_tokens=N_GREEDY, temperature=0, repetition_penalty=1.3))
+    # the step graphs: the trained K, and K + 1 (test-time depth, no unrolled graphs for it)
+    k = s.trained_steps
+    steps_path = {str(kk): {"logits_whole": s.forward(ids, steps=kk, path="steps")[0][0].tolist(),
+                            "greedy": list(s.generate(PROMPT, max_new_tokens=40, temperature=0, steps=kk,
+                                                      path="steps"))} for kk in (k, k + 1)}
     cases = []
     for i in range(40):  # sampling decisions on random logits for fixed uniforms
         logits = (rng.standard_normal(256) * 3).astype(np.float32)
@@ -64,7 +70,7 @@ def write_reference(export_dir, out, tolerance: float) -> dict:
            "python_whole_vs_steps": float(np.abs(whole[0] - np.stack(steps)).max()), "prompt": PROMPT,
            "tokens": ids[0].tolist(), "logits_whole": whole[0].tolist(),
            "logits_steps": np.stack(steps).tolist(), "greedy": greedy, "greedy_text": text,
-           "greedy_penalized_1.3": penalized, "score_text": SCORE_TEXT,
+           "greedy_penalized_1.3": penalized, "steps_path": steps_path, "score_text": SCORE_TEXT,
            "score": s.score_stream([SCORE_TEXT.encode()]), "sampling": cases,
            "floats": [[repr(f), f] for f in floats],
            "canonical": {"text": json.dumps({**odd, "model_sha256": "x", "generation": {}}, indent=2),

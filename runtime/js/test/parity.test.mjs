@@ -58,6 +58,21 @@ for (const ref of references) {
     });
   }
 
+  test(`${tag}: the step-graph path (trained K and K + 1) equals the Python runtime's`, async () => {
+    for (const [k, want] of Object.entries(ref.steps_path)) {
+      const model = await load(ref.export, { ort: ortNode, threads: 1, steps: Number(k), path: 'steps' });
+      assert.equal(model.path, 'steps');
+      const whole = await model.forward([ref.tokens]);
+      const d = maxAbsDiff(whole.logits, want.logits_whole.flat());
+      console.log(`# ${tag}, steps path K=${k}: max |logit JS - Python| ${d.toExponential(2)}`);
+      assert.ok(d <= tol, `K=${k}: max abs difference ${d} > ${tol}`);
+      const toks = [];
+      for await (const t of model.generate(ref.prompt, { maxNewTokens: 40, temperature: 0 })) toks.push(t);
+      assert.deepEqual(toks, want.greedy);
+      await model.release();
+    }
+  });
+
   test(`${tag}: bits per byte equal the Python runtime's`, async () => {
     const model = await load(ref.export, { ort: ortNode, threads: 1 });
     const s = await model.score(ref.score_text);
