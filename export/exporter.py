@@ -221,7 +221,8 @@ def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | No
         "```", "",
         "## Other languages", "",
         "Any ONNX Runtime binding (C, C++, C#, Java, JavaScript, ...) runs this folder with a short loop, "
-        "specified in `docs/runtime-contract.md` of the ressformer repository. In short: read "
+        "specified in `docs/runtime-contract.md` of the ressformer repository (its `runtime/js` implements it "
+        "for JavaScript, in Node and browsers). In short: read "
         "`ressformer.json`, check `format_version`, `model_sha256` and the graphs' sha256; make the state "
         "(`init.onnx` gives the memory and its keys/values, the rest starts at zeros); then",
         "",
