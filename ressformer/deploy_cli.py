@@ -435,7 +435,7 @@ def demo(out, steps, preset, overwrite, threads):
     say("\nnext:\n" + "\n".join(f"  {c}" for c in (
         f"ressformer generate {q(str(ex))} --prompt 'JULIET:' --prompt 'KING HENRY:'   # a batch of prompts",
         f"ressformer generate {q(str(ex))} --interactive   # a chat; the state carries over between turns",
-        f"ressformer score {q(str(ex))} README.md   # bits per byte of any text",
+        f"ressformer score {q(str(ex))} {q(str(ex / 'README.md'))}   # bits per byte of any text file",
         f"less {q(str(ex / 'README.md'))}   # the model card: config, hashes, validation, how to run it",
         "ressformer train --steps 3000 --threads 1 --out runs/tiny   # longer training, better text")))
     _verdict(f"demo finished in {_dur(time.perf_counter() - t_demo)}")
