@@ -107,6 +107,11 @@ def test_chat_three_turns(tiny_export):
         assert int(m.group(1)) >= len(inp) - 1 + 3  # the three lines fed, at least a token of reply each
 
 
+def test_interactive_takes_no_prompt(tiny_export):
+    r = CliRunner().invoke(main, ["generate", str(tiny_export), "--interactive", "--prompt", "x"], input="a\n")
+    assert r.exit_code == 2 and "not both" in r.output and "Traceback" not in r.output
+
+
 def test_chat_quits_on_slash_quit(tiny_export):
     out = run(["generate", tiny_export, "--interactive", "--max-new-tokens", "5"], input="one\n/quit\ntwo\n")
     assert "chat ended: 1 turns" in out
