@@ -392,6 +392,10 @@ class ReSSFormer(nn.Module):
             raise ValueError(f"tokens must have shape (batch, length), got shape {tuple(tokens.shape)}")
         if tokens.numel() == 0:
             raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)})")
+        if tokens.device.type != "cpu":  # reading a value would be a device sync: check on the device
+            torch._assert_async(((tokens >= 0) & (tokens < self.config.vocab_size)).all(),
+                                f"token ids must be in [0, {self.config.vocab_size})")
+            return
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi

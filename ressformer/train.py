@@ -390,7 +390,7 @@ def train(tc: TrainConfig, log=print) -> dict:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
-        terms = {k: 0.0 for k in ("loss", "ce", "aux", "balance", "z", "struct", "gates")}
+        acc = {}  # device tensors: one host read per step, below
         for micro in range(tc.grad_accum):
             x, y = (torch.from_numpy(a).to(device) for a in sampler.batch(step, micro))
             o = forward(x)
@@ -400,7 +400,8 @@ def train(tc: TrainConfig, log=print) -> dict:
             vals = {"loss": loss, "ce": ce, "aux": o.aux["loss"],
                     **{k: o.aux[k] for k in ("balance", "z", "struct", "gates") if k in o.aux}}
             for k, v in vals.items():
-                terms[k] += float(v.detach()) / tc.grad_accum
+                v = torch.as_tensor(v, device=device).detach().float() / tc.grad_accum
+                acc[k] = acc[k] + v if k in acc else v
         for p in params:  # experts that got no token: zero gradient, same on every rank
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -408,6 +409,8 @@ def train(tc: TrainConfig, log=print) -> dict:
         norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        *values, norm = torch.stack([*acc.values(), norm.detach().float()]).tolist()  # the step's one host sync
+        terms = {k: 0.0 for k in ("loss", "ce", "aux", "balance", "z", "struct", "gates")} | dict(zip(acc, values))
 
         done = step + 1
         train_time += time.perf_counter() - t0
