@@ -38,7 +38,8 @@ class Step(nn.Module):
 
     def forward(self, h, step, pos, memory, cache_k, cache_v, cache_valid, past_k, past_v):
         m = self.model
-        emb = m.step_embed.weight[step.clamp(min=0, max=m.config.n_steps - 1)]
+        # index_select, not weight[step]: torch 2.11's exporter cannot index with a data-dependent scalar
+        emb = m.step_embed.weight.index_select(0, step.clamp(min=0, max=m.config.n_steps - 1).reshape(1))[0]
         h, k, v, idx, w, experts, _ = m.blocks[0](h + emb, memory, cache_k, cache_v, cache_valid,
                                                   past_k, past_v, pos)
         return h, torch.cat([past_k, k], -2), torch.cat([past_v, v], -2), idx, w, experts

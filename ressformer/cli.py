@@ -31,7 +31,7 @@ TORCH_MODULES = ("torch", "safetensors", "onnx", "onnxscript", "matplotlib", "ia
 LAZY_COMMANDS = {"train": "ressformer.train_cli", "mqar": "ressformer.train_cli", "evaluate": "ressformer.train_cli",
                  "export": "ressformer.deploy_cli", "parity": "ressformer.deploy_cli",
                  "generate": "ressformer.deploy_cli", "score": "ressformer.deploy_cli",
-                 "bench": "ressformer.deploy_cli", "demo": "ressformer.deploy_cli"}
+                 "bench": "ressformer.deploy_cli", "demo": "ressformer.deploy_cli", "chat": "ressformer.deploy_cli"}
 # Failures (exit 1) shown as one line: what the package raises for bad data, files and models.
 FAILURES = (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError, MemoryError)
 
