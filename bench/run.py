@@ -511,6 +511,7 @@ def plot(report, path) -> Path:
         names = ["PyTorch", "ORT unrolled", "ORT steps"]
         vals = [dec[0]["torch_tok_s"], dec[0]["ort_tok_s"], dec[0]["ort_step_tok_s"]]
         ax.bar(names, vals, color=["C0", "C1", "C2"])
+        ax.set_ylim(0, 1.2 * max(vals))
         prof = report.get("decode_profile", {})
         for i, key in ((1, "unrolled"), (2, "steps")):
             if key in prof:
@@ -526,11 +527,13 @@ def plot(report, path) -> Path:
         ax.plot(x, [c["ort_peak_mb"] for c in mem], "s-", label="ORT")
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "not measured (--no-memory)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("tokens streamed (segment pieces)")
     ax.set_ylabel("peak RSS (MB)")
     ax.set_title("streaming memory (one process per point)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
     m = report["meta"]
     fig.suptitle(f"ReSSFormer {m['checkpoint'] or m['preset']}: PyTorch eager vs ONNX Runtime "
                  f"(threads={m['threads'] or 'default'})")
