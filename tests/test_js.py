@@ -1,6 +1,6 @@
 """The JavaScript runtime (runtime/js/, docs/javascript.md) against the Python runtime.
 
-The Python runtime writes reference values (runtime/js/test/make_reference.py) for two tiny exports:
+The Python runtime writes reference values (tests/js_reference.py) for two tiny exports:
 `tiny_export` (logits within 1e-5) and a strongly perturbed one whose greedy output varies (logits up
 to ~9, within 5e-4). Node's own test runner then checks runtime/js/ressformer.mjs against them on
 onnxruntime-node and onnxruntime-web (`node --test`, the same tests as `cd runtime/js && npm test`).
@@ -23,10 +23,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "runtime" / "js"
+_PY = {"make_reference": ROOT / "tests" / "js_reference.py", "chromium": JS / "test" / "chromium.py"}
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"ressformer_js_{name}", JS / "test" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"ressformer_js_{name}", _PY[name])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

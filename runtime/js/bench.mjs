@@ -2,7 +2,7 @@
 // Decode speed of the JavaScript runtime in Node: node bench.mjs EXPORT_DIR [--tokens N] [--threads T]
 // [--backend node|web] [--repeats R]. Greedy decoding of N tokens after a short prompt, R times in one
 // process; prints one JSON line per run: { backend, tokens, decodeTokensPerSecond, firstTokenMs }. decode =
-// (N - 1) tokens after the first, over the time from the first token to the last (the definition bench.py
+// (N - 1) tokens after the first, over the time from the first token to the last (the definition bench/js_speed.py
 // uses for Python and the browser demo too). On onnxruntime-web the first run is slow ("cold"): V8 starts
 // WebAssembly on its baseline compiler and optimizes hot functions while they run.
 import { parseArgs } from 'node:util';

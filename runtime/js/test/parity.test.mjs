@@ -1,4 +1,4 @@
-// Parity with the Python runtime (test/make_reference.py): logits fed whole and token by token across
+// Parity with the Python runtime (tests/js_reference.py): logits fed whole and token by token across
 // segments, greedy generation, bits per byte, sampling decisions; on onnxruntime-node and on
 // onnxruntime-web (its WebAssembly backend, run in Node).
 import assert from 'node:assert/strict';

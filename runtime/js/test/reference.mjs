@@ -1,6 +1,6 @@
-// The Python runtime's reference values (test/make_reference.py), each naming its export folder.
+// The Python runtime's reference values (tests/js_reference.py), each naming its export folder.
 // tests/test_js.py sets RESSFORMER_REFERENCES (comma-separated reference.json paths); without it
-// (`npm test` on its own) make_reference.py builds them once with the repository's Python
+// (`npm test` on its own) tests/js_reference.py builds them once with the repository's Python
 // (RESSFORMER_PYTHON, else ../../.venv/bin/python, else python3) under the system's temp folder
 // (`ressformer-js-reference`; delete it to rebuild). `npm test` runs this file first, so that the test
 // files, which node runs in parallel processes, find the references built.
@@ -18,7 +18,7 @@ function build() {
   if (!existsSync(list)) {
     const venv = join(here, '..', '..', '..', '.venv', 'bin', 'python');
     const python = process.env.RESSFORMER_PYTHON ?? (existsSync(venv) ? venv : 'python3');
-    execFileSync(python, [join(here, 'make_reference.py'), root], { stdio: ['ignore', 'ignore', 'inherit'] });
+    execFileSync(python, [join(here, '..', '..', '..', 'tests', 'js_reference.py'), root], { stdio: ['ignore', 'ignore', 'inherit'] });
   }
   return readFileSync(list, 'utf8');
 }

@@ -1,7 +1,7 @@
 """Decode tokens/s of the same export in the Python runtime, Node (onnxruntime-node) and the browser demo
 (onnxruntime-web in headless Chromium), measured alternately on one machine; prints a Markdown table.
 
-    python runtime/js/bench.py EXPORT_DIR [EXPORT_DIR ...] --tokens 200 --repeats 3 [--no-browser]
+    python -m ressformer.bench.js_speed EXPORT_DIR [EXPORT_DIR ...] --tokens 200 --repeats 3 [--no-browser]
 
 Greedy decoding after a short prompt, one intra-op thread everywhere (WebAssembly: one thread); decode
 tokens/s = (N - 1) / (time from the first generated token to the last), the median of the repeats. Each
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ressformer.runtime import ReSSFormerSession
 
-JS = Path(__file__).resolve().parent
+JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
 PROMPT = "Once upon a time"
 
 

@@ -8,7 +8,7 @@ tests/test_js.py calls it on two tiny exports: `tiny_export` (tests/conftest.py;
 within 1e-5, but its greedy output is one byte repeated) and a strongly perturbed one whose generation
 varies (logits up to ~9: float32 rounding alone moves them by ~2e-5 in Python and ~1e-4 in
 WebAssembly; checked within 5e-4).
-`python make_reference.py DIR` makes both exports and references (for `npm test` on its own).
+`python tests/js_reference.py DIR` makes both exports and references (for `npm test` on its own).
 """
 
 from __future__ import annotations
