@@ -11,9 +11,10 @@ graph carries a growing key/value cache, one tensor per layer (as LLM exports do
 or, with layout "stacked", past_k/past_v (n_layer, B, H, P, D) -> present_k/present_v (which
 costs a Split and a stack, two more copies of the cache per run). Standard attention: MatMul,
 additive causal mask for queries pos..pos+T-1 over keys 0..P+T-1, Softmax, MatMul; exported with
-`torch.onnx.export(dynamo=True)` at opset 18. Prefill is chunked (2048 tokens per run by default):
-one 32k piece would need a 32k x 32k score matrix per head (4 GiB each). Decode is one run per
-token; the cache stays in OrtValues between runs.
+`torch.onnx.export(dynamo=True)` at the ReSSFormer export's opset (opset 20 exports GELU as one
+node; RMSNorm is written in the form ONNX Runtime fuses, as in the ReSSFormer model). Prefill is
+chunked (2048 tokens per run by default): one 32k piece would need a 32k x 32k score matrix per
+head (4 GiB each). Decode is one run per token; the cache stays in OrtValues between runs.
 
 Measured in one run (`run_comparison`), both engines on ONNX Runtime with the same thread count:
 prefill latency at each length (ReSSFormer `sess.forward(x)`, which cuts segments itself; dense:
@@ -116,8 +117,8 @@ def _torch_classes():
             self.eps = eps
             self.weight = nn.Parameter(torch.ones(d))
 
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        def forward(self, x):  # x / sqrt(.): the form ONNX Runtime fuses (as ressformer/model.py)
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
     def rotate(x, cos, sin):  # x (B, H, T, D); cos/sin (T, D/2): rotary embedding, halves layout
         x1, x2 = x.chunk(2, -1)
@@ -501,12 +502,13 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
             dc = matching_config(cfg, n_heads=n_heads)
             dense = dense_gpt(dc, seed)
             t0 = time.perf_counter()
-            dense_path = export_dense(dense, tmp / "dense.onnx", layout=layout)
+            opset = int(json.loads((exp / "ressformer.json").read_text())["onnx_opset"])  # the same for both
+            dense_path = export_dense(dense, tmp / "dense.onnx", opset=opset, layout=layout)
             progress(f"dense GPT: {dense.num_params():,} params ({dc.n_layer} layers, d {dc.d_model}, "
-                     f"{dc.n_heads} heads, d_ff {dc.d_ff}), exported in {time.perf_counter() - t0:.1f}s")
+                     f"{dc.n_heads} heads, d_ff {dc.d_ff}), opset {opset}, exported in {time.perf_counter() - t0:.1f}s")
             report = {"meta": {
                 "checkpoint": str(checkpoint) if checkpoint else None, "preset": None if checkpoint else preset,
-                "smoke": smoke, "seed": seed, "threads": threads, "chunk": chunk, "layout": layout,
+                "smoke": smoke, "seed": seed, "threads": threads, "chunk": chunk, "layout": layout, "onnx_opset": opset,
                 "decode_tokens": decode_tokens, "lengths": lengths,
                 "ressformer_params": model.num_params(), "dense_params": dense.num_params(),
                 "ressformer_config": cfg.to_dict(), "dense_config": asdict(dc),
@@ -691,7 +693,7 @@ def format_table(report) -> str:
         f"both on ONNX Runtime {m['onnxruntime']}, threads={m['threads'] or 'default'}, batch 1; {m['machine']}, "
         f"{m['cpu_count']} CPUs; load avg (1 min) {la0[0]:.2f} at start, {la1[0]:.2f} at end",
         f"dense prefill runs in chunks of {m['chunk']} tokens with the key/value cache (one piece of 32k would "
-        f"need a 32k x 32k score matrix per head); cache layout {m['layout']}",
+        f"need a 32k x 32k score matrix per head); cache layout {m['layout']}; both at ONNX opset {m['onnx_opset']}",
         f"decode: {m['decode_tokens']} tokens, one run each, from the prefill's state; peak = VmHWM of a fresh "
         "process per engine and length (prefill + decode); ratio > 1: ReSSFormer faster / smaller",
         "medians of alternating rounds in one process; * = one run each in the fresh child process",

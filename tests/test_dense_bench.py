@@ -26,11 +26,12 @@ def tiny_model(torch_threads):
     return model
 
 
-@pytest.fixture(scope="module", params=db.LAYOUTS)
+@pytest.fixture(scope="module", params=[("per_layer", 20), ("stacked", 18)], ids=lambda p: f"{p[0]}-opset{p[1]}")
 def tiny_dense(request, tiny_model, tmp_path_factory):
-    path = db.export_dense(tiny_model, tmp_path_factory.mktemp("dense") / "dense.onnx", layout=request.param)
+    layout, opset = request.param
+    path = db.export_dense(tiny_model, tmp_path_factory.mktemp("dense") / "dense.onnx", opset=opset, layout=layout)
     sess = db.DenseSession(path, threads=1)
-    assert sess.layout == request.param and sess.n_layer == TINY.n_layer and sess.n_heads == TINY.n_heads
+    assert sess.layout == layout and sess.n_layer == TINY.n_layer and sess.n_heads == TINY.n_heads
     return tiny_model, sess
 
 
@@ -107,6 +108,7 @@ def test_smoke_comparison_report(tiny_checkpoint, tiny_export, tmp_path):
     m = rep["meta"]
     assert m["checkpoint"] == str(tiny_checkpoint) and m["ressformer_config"]["d_model"] == 64
     assert m["lengths"] == [64, 128] and m["smoke"] is True and m["layout"] == "per_layer"
+    assert m["onnx_opset"] == json.loads((tiny_export / "ressformer.json").read_text())["onnx_opset"]
     assert abs(m["dense_params"] - m["ressformer_params"]) / m["ressformer_params"] < 0.01
     assert len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
     assert [c["length"] for c in rep["prefill"]] == [64, 128]
