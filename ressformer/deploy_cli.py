@@ -318,10 +318,16 @@ def score(export_dir, files, steps, provider, threads, as_json):
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="write a PNG of the timings here")
 @click.option("--overwrite", is_flag=True, help="replace existing --json / --plot files")
 @click.option("--smoke", is_flag=True, help="tiny sizes, a few seconds (CI)")
+@click.option("--baseline", is_flag=True,
+              help="instead: ReSSFormer against a dense GPT of the same parameter count, both in ONNX Runtime, "
+                   "prefill and decode at long contexts (docs/dense-comparison.md)")
+@click.option("--lengths", default=None, type=IntList(1),
+              help="with --baseline: context lengths [default: 2048,8192,32768]")
 @threads_option
 @needs_torch
-def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, threads):
-    """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/)."""
+def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, lengths, threads):
+    """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/); with --baseline,
+    ReSSFormer vs a same-size dense transformer with a key/value cache, both in ONNX Runtime."""
     if not checkpoint and not preset:
         raise click.UsageError("give a CHECKPOINT or --preset NAME")
     if checkpoint and preset:
@@ -332,15 +338,21 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, threads):
         from ressformer.checkpoint import load_checkpoint
 
         load_checkpoint(checkpoint)  # a missing or corrupted checkpoint fails here, in one line
-    from ressformer.bench.run import run_bench
+    if lengths and not baseline:
+        raise click.UsageError("--lengths goes with --baseline")
+    if baseline:
+        from ressformer.bench.dense import plot, run_comparison
 
-    rep = run_bench(checkpoint=checkpoint, preset=preset, smoke=smoke, threads=threads, progress=say)
+        rep = run_comparison(checkpoint=checkpoint, preset=preset or "small", smoke=smoke, threads=threads or 2,
+                             lengths=lengths, progress=say)
+    else:
+        from ressformer.bench.run import plot, run_bench
+
+        rep = run_bench(checkpoint=checkpoint, preset=preset, smoke=smoke, threads=threads, progress=say)
     click.echo(rep["table"])
     if json_out:
         write_json(json_out, rep)
     if plot_out:
-        from ressformer.bench.run import plot
-
         plot(rep, plot_out)
 
 

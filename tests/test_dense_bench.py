@@ -155,3 +155,12 @@ def test_cli_rejects_bad_lengths():
         db._lengths("2k,8k")
     with pytest.raises(SystemExit, match="positive"):
         db._lengths("0,128")
+
+
+def test_bench_cli_lengths_need_baseline():
+    from click.testing import CliRunner
+
+    from ressformer.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--lengths", "64"])
+    assert r.exit_code == 2 and "--lengths goes with --baseline" in r.output
