@@ -92,9 +92,10 @@ def test_first_blocks_are_what_ci_runs():
     setup = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
              "pip install -e '.[torch,dev]'")
     assert first.strip() == setup + " && ressformer demo"
-    assert second.strip() == setup + " && python -m pytest -q"
+    assert second.strip() == setup + " && (cd runtime/js && npm ci --no-audit --no-fund) && python -m pytest -q"
     for line in ("python3 -m venv .venv", "pip install -q torch==2.13.0", "pip install -q -e '.[torch,dev]'",
-                 "python -m pytest -q"):
+                 "(cd runtime/js && npm ci --no-audit --no-fund", "python -m pytest -q",
+                 "python -m pytest -q -m browser tests/test_js.py"):
         assert line in ci, line
 
 
