@@ -127,3 +127,24 @@ def test_opsets(tiny_checkpoint, tmp_path, opset):
 
     logits, _ = ReSSFormerSession(out).forward(np.array([[1, 2, 3]]))
     assert np.isfinite(logits).all()
+
+
+def test_unrolled_graphs_for_several_k(tiny_checkpoint, tmp_path):
+    """--steps 2,3: each K gets its piece/segment_end graphs; K=3 (test-time depth) then runs
+    unrolled, equal to PyTorch and to the step graphs."""
+    import torch
+    from ressformer.runtime import ReSSFormerSession
+
+    from ressformer import load_checkpoint
+
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "ex", steps=[2, 3], validate=None, progress=lambda s: None)
+    meta = json.loads((out / "ressformer.json").read_text())
+    assert sorted(meta["unrolled"]) == ["2", "3"] and meta["steps"] == 2
+    sess = ReSSFormerSession(out)
+    x = np.random.default_rng(0).integers(0, 256, (2, 70))  # two segment ends
+    got, st = sess.forward(x, steps=3)
+    assert st.path == "unrolled" and st.steps == 3
+    with torch.no_grad():
+        ref = load_checkpoint(tiny_checkpoint)(torch.from_numpy(x), steps=3).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(got, sess.forward(x, steps=3, path="steps")[0], atol=1e-5, rtol=1e-4)

@@ -5,7 +5,8 @@ The Python runtime writes reference values (tests/js_reference.py) for two tiny 
 to ~9, within 5e-4). Node's own test runner then checks runtime/js/ressformer.mjs against them on
 onnxruntime-node and onnxruntime-web (`node --test`, the same tests as `cd runtime/js && npm test`).
 The `browser` test opens the demo page in headless Chromium. Needs Node 20+ with `npm ci` done in
-runtime/js, and Chromium for the browser test (.ci/run installs both and runs `pytest -m browser tests/test_js.py`; docs/javascript.md).
+runtime/js, and Chromium for the browser test (.ci/run installs both and runs
+`pytest -m browser tests/test_js.py`; docs/javascript.md).
 """
 
 from __future__ import annotations
