@@ -220,7 +220,7 @@ class Chat:
 
     def reply(self, line: str):
         """Feed `line` as the user's turn; yield the reply's text as characters complete."""
-        from ressformer.runtime.sampling import sample
+        from ressformer.runtime.sampling import penalize, sample
 
         sess = self.sess
         ids = sess.tokenizer.encode(("" if self.at_line_start else "\n") + line + "\n")
@@ -228,11 +228,10 @@ class Chat:
         last, seen = logits[0, -1], set(ids.tolist())
         dec, tail, longest = sess.tokenizer.stream_decoder(), b"", max(map(len, self.stop), default=1)
         for _ in range(self.max_new_tokens):
-            z = last.astype(np.float64)
+            z = last[None].astype(np.float64)
             if self.penalty != 1.0:  # CTRL-style, as in generate: seen tokens' logits shrink
-                idx = np.fromiter(seen, np.int64)
-                z[idx] = np.where(z[idx] > 0, z[idx] / self.penalty, z[idx] * self.penalty)
-            tok = int(sample(z[None], self.rng, self.temperature, self.top_k, self.top_p)[0])
+                z = penalize(z, [seen], self.penalty)
+            tok = int(sample(z, self.rng, self.temperature, self.top_k, self.top_p)[0])
             logits, self.state = sess.forward(np.array([[tok]], np.int64), self.state)  # the reply joins the state
             last = logits[0, -1]
             seen.add(tok)

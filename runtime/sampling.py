@@ -41,3 +41,14 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
         p /= p.sum(-1, keepdims=True)
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+
+
+def penalize(logits: np.ndarray, seen: list[set], penalty: float) -> np.ndarray:
+    """CTRL-style repetition penalty on logits (B, V): a token already in row b's prompt or output
+    (`seen[b]`) has its logit divided by `penalty` if positive, multiplied if negative (float64 copy)."""
+    out = logits.astype(np.float64, copy=True)
+    for b, toks in enumerate(seen):
+        idx = np.fromiter(toks, np.int64)
+        v = out[b, idx]
+        out[b, idx] = np.where(v > 0, v / penalty, v * penalty)
+    return out

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, penalize, sample
 from .tokenizer import make_tokenizer
 
 SIDECAR = "ressformer.json"
@@ -411,7 +411,7 @@ class ReSSFormerSession:
         stops, longest = o["stop"], max((len(s) for s in o["stop"]), default=0)
         for _ in range(o["max_new_tokens"]):
             if o["repetition_penalty"] != 1.0:
-                logits = _penalize(logits, seen, o["repetition_penalty"])
+                logits = penalize(logits, seen, o["repetition_penalty"])
             nxt = sample(logits, rng, o["temperature"], o["top_k"], o["top_p"])
             yield np.where(done, -1, nxt)
             for b in range(B):
@@ -516,17 +516,6 @@ def _per_step(x):
     """(S, ...) state tensor -> a list of its S per-step tensors (host arrays)."""
     x = _host(x)
     return [x[t] for t in range(x.shape[0])]
-
-
-def _penalize(logits: np.ndarray, seen: list[set], penalty: float) -> np.ndarray:
-    """CTRL-style repetition penalty: a token already in the row's prompt or output has its logit
-    divided by `penalty` if positive, multiplied if negative."""
-    out = logits.astype(np.float64, copy=True)
-    for b, toks in enumerate(seen):
-        idx = np.fromiter(toks, np.int64)
-        v = out[b, idx]
-        out[b, idx] = np.where(v > 0, v / penalty, v * penalty)
-    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
