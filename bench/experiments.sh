@@ -43,6 +43,18 @@ recipe() {
   ressformer train $A $B --steps 1000 --out "$R/demo_k4_1000"
   ressformer train $A $B --set n_steps=2 --steps 1000 --out "$R/demo_k2_1000"
   ressformer train $A $B --set n_steps=2 --seq-len 128 --batch-size 6 --steps 1000 --out "$R/demo_k2_s128"
+  ressformer train --preset baby --batch-size 6 --lr 6e-3 --eval-every 250 --eval-batches 32 --ckpt-every 0 \
+    --threads 1 --steps 1000 --out "$R/demo_baby_lr6e-3"  # the demo's recipe (the baby preset = K=2 above)
+  for r in demo_k2_1000 demo_k2_s128 demo_baby_lr6e-3; do  # the same 384 windows for the three
+    for L in 64 128; do ressformer evaluate "$R/$r" --seq-len $L --windows 384 --threads 1 \
+      --json-out "$R/eval_${r}_$L.json"; done
+  done
+  # ReSSFormer K=2 with its tuned lr, 2,000 steps (about the dense baseline's wall time)
+  ressformer train $A $B --set n_steps=2 --steps 2000 --lr 6e-3 --out "$R/res_k2_2000_lr6e-3"
+  # tokens/s of the three models alone, one at a time (100 steps, no evaluation)
+  ressformer train $A $B --steps 100 --eval-every 0 --out "$R/speed_k4"
+  ressformer train $A $B --set n_steps=2 --steps 100 --eval-every 0 --out "$R/speed_k2"
+  ressformer train $A $B --baseline --steps 100 --eval-every 0 --out "$R/speed_baseline"
   # structure: 256-byte windows (4 segments of 64), evaluated in order and with shuffled paragraphs
   ressformer train $A $L --seq-len 256 --steps 1000 --out "$R/struct_res"
   ressformer train $A $L --seq-len 256 --steps 1000 --baseline --out "$R/struct_base"

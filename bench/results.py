@@ -88,13 +88,16 @@ def tiny_ablation_table(root: Path, seeds=(0, 1)) -> str:
 
 
 def mqar_table(root: Path) -> str:
+    """mqar_r_[VARIANT_]S_P.json (ReSSFormer) next to mqar_b_S_P.json (the baseline), by length."""
     rows = ["| seq len | pairs | steps | ReSSFormer tiny | dense baseline |", "|---|---|---|---|---|"]
     for prefix in ("mqar", "mqarlong"):
-        for f in sorted(root.glob(f"{prefix}_r_*.json"), key=lambda p: int(p.stem.split("_")[2])):
-            r = json.loads(f.read_text())
-            b = root / f.name.replace("_r_", "_b_")
-            bacc = f"{json.loads(b.read_text())['accuracy']:.3f}" if b.is_file() else "?"
-            rows.append(f"| {r['seq_len']} | {r['n_pairs']} | {r['steps']} | {r['accuracy']:.3f} | {bacc} |")
+        runs = [(json.loads(f.read_text()), f) for f in root.glob(f"{prefix}_r_*.json")]
+        for r, f in sorted(runs, key=lambda x: (x[0]["seq_len"], x[1].name)):
+            variant = f.stem.split("_")[2:-2]  # e.g. ["noconv"]
+            b = root / f"{prefix}_b_{r['seq_len']}_{r['n_pairs']}.json"
+            bacc = f"{json.loads(b.read_text())['accuracy']:.3f}" if b.is_file() and not variant else "–"
+            name = f"{r['accuracy']:.3f}" + (f" ({', '.join(variant)})" if variant else "")
+            rows.append(f"| {r['seq_len']} | {r['n_pairs']} | {r['steps']} | {name} | {bacc} |")
     return "\n".join(rows)
 
 
@@ -108,6 +111,62 @@ def structure_table(root: Path) -> str:
     return "\n".join(rows)
 
 
+# issue 13's refresh at the baby-GPT budget (bench/experiments.sh ROOT baby, ROOT recipe): run, label, speed run
+REFRESH_RUNS = [("baby_baseline_lr3e-3", "dense baseline, lr 3e-3", "speed_baseline"),
+                ("baby_baseline_lr3e-3_4600", "dense baseline, lr 3e-3, 4,600 steps", "speed_baseline"),
+                ("res_lr6e-3", "ReSSFormer K=4, lr 6e-3", "speed_k4"),
+                ("res_k2_2000_lr6e-3", "ReSSFormer K=2 (baby), lr 6e-3", "speed_k2")]
+
+
+def refresh_table(root: Path) -> str:
+    """Final val bpb of the refresh runs, with the training time each would take alone on one thread
+    (steps x bytes per step / the tokens/s of its model's 100-step speed run)."""
+    rows = ["| run | steps (tokens) | val bpb | tokens/s alone | training time alone |", "|---|---|---|---|---|"]
+    for name, label, speed in REFRESH_RUNS:
+        s, v = summary(root / name), summary(root / speed)
+        if s and v:
+            secs = s["tokens"] / v["tokens_per_s"]
+            tps = v["tokens_per_s"]
+            rows.append(f"| {label} | {s['step']:,} ({s['tokens']:,}) | {s['val_bpb']:.3f} | {tps:,.0f} | "
+                        f"{secs // 60:.0f} min {secs % 60:02.0f} s |")
+    return "\n".join(rows)
+
+
+def refresh_plot(root: Path, out: Path) -> Path | None:
+    """Validation bpb of the refresh runs against tokens and against training time alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    drawn = False
+    for name, label, speed in REFRESH_RUNS:
+        s, v = summary(root / name), summary(root / speed)
+        if not (s and v):
+            continue
+        recs = read_metrics(root / name / "metrics.jsonl")
+        per_step = s["tokens"] / s["step"]
+        pts = [(r["step"] * per_step, r["val_bpb"]) for r in recs if "val_bpb" in r and r["step"] > 0]
+        axes[0].plot([t / 1e6 for t, _ in pts], [b for _, b in pts], "o-", ms=3, label=label)
+        axes[1].plot([t / v["tokens_per_s"] / 60 for t, _ in pts], [b for _, b in pts], "o-", ms=3, label=label)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_xlabel("training tokens (millions of bytes)")
+    axes[1].set_xlabel("training minutes alone on one CPU thread (tokens / the model's tokens/s)")
+    axes[0].set_ylabel("validation bits per byte")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "refresh_val_bpb.png", dpi=90)
+    plt.close(fig)
+    return out / "refresh_val_bpb.png"
+
+
 def plot(root: Path, out: Path) -> list[Path]:
     import matplotlib
 
@@ -117,6 +176,8 @@ def plot(root: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, runs in (("lm_val_bpb.png", LM_RUNS), ("ablations_val_bpb.png", ABLATIONS)):
+        if not any((root / name / "metrics.jsonl").is_file() for name, _ in runs):
+            continue  # none of these runs in ROOT: keep the plot that is there
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, label in runs:
             if (root / name / "metrics.jsonl").is_file():
@@ -130,7 +191,7 @@ def plot(root: Path, out: Path) -> list[Path]:
         fig.savefig(out / fname, dpi=90)
         plt.close(fig)
         written.append(out / fname)
-    return written
+    return written + [p for p in [refresh_plot(root, out)] if p]
 
 
 def main() -> None:
@@ -138,7 +199,8 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--plots", type=Path, help="folder for the PNG plots")
     a = ap.parse_args()
-    for title, table in (("Language modelling", lm_table), ("Ablations (step 100)", ablation_table),
+    for title, table in (("Refresh (issue 13): language modelling at the baby-GPT budget", refresh_table),
+                         ("Language modelling", lm_table), ("Ablations (step 100)", ablation_table),
                          ("Ablations, tiny, two seeds (step 600)", tiny_ablation_table),
                          ("MQAR accuracy", mqar_table), ("Structure", structure_table)):
         print(f"### {title}\n\n{table(a.root)}\n")
