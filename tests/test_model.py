@@ -21,8 +21,11 @@ def tokens(B, T, seed=0):
 
 
 def test_presets_and_param_counts():
-    counts = {n: ReSSFormer(ReSSFormerConfig.preset(n)).num_params() for n in ("tiny", "small")}
-    assert counts["tiny"] < 200_000 < counts["small"]
+    counts = {n: ReSSFormer(ReSSFormerConfig.preset(n)).num_params() for n in ("tiny", "baby", "small")}
+    assert counts["tiny"] < 200_000 < counts["baby"] == 833_185 < counts["small"]
+    baby = ReSSFormerConfig.preset("baby")  # the demo's model: nanoGPT's baby-GPT width and context, K=2
+    assert (baby.d_model, baby.n_heads, baby.n_steps, baby.segment_len, baby.n_experts, baby.top_e) == \
+        (128, 4, 2, 64, 4, 2)
     base = ReSSFormerConfig.preset("base")
     assert (base.d_model, base.n_heads, base.n_steps, base.top_k, base.mem_slots, base.n_experts, base.top_e) == \
         (768, 12, 4, 32, 128, 8, 2)

@@ -238,7 +238,7 @@ def test_lr_schedule():
 
 
 # ---- baseline ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", "baby", "small"])
 def test_baseline_matches_parameter_count(preset):
     cfg = ReSSFormerConfig.preset(preset)
     base = baseline_config(cfg, 2 * cfg.segment_len)
