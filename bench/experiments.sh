@@ -72,6 +72,11 @@ recipe() {
       --json-out "$R/mqar_r_${s}_${p}.json"
     ressformer mqar --seq-len "$s" --pairs "$p" --steps 2000 --baseline --threads 1 --json-out "$R/mqar_b_${s}_${p}.json"
   done
+  ressformer mqar --seq-len 128 --pairs 8 --steps 2000 --set segment_len=128 --set conv_kernel=0 --threads 1 \
+    --json-out "$R/mqar_r_noconv_128_8.json"  # without the local conv
+  ressformer mqar --seq-len 256 --pairs 16 --steps 4000 --set segment_len=256 --threads 1 \
+    --json-out "$R/mqarlong_r_256_16.json"  # 256/16 again, twice the steps
+  ressformer mqar --seq-len 256 --pairs 16 --steps 4000 --baseline --threads 1 --json-out "$R/mqarlong_b_256_16.json"
   }
 }
 if [ "${2:-}" = baby ]; then baby_gpt; exit 0; fi
