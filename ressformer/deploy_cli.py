@@ -355,7 +355,7 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, le
         plot(rep, plot_out)
 
 
-DEMO_STEPS = 1000  # baby, 1 thread: ~2.5 min of training; the whole demo ~4 min on a 2-core CPU (README)
+DEMO_STEPS = 1000  # baby, 1 thread: ~2 min of training; the whole demo ~2.5 min on an idle 2-core CPU (README)
 # The demo's training recipe per preset (docs/training.md, "The recipe"): 6 windows of two 64-byte segments (768
 # bytes per step, as nanoGPT's baby GPT), peak lr 6e-3; other presets take `ressformer train`'s defaults.
 DEMO_RECIPE = {"baby": dict(batch_size=6, lr=6e-3)}
@@ -374,7 +374,7 @@ ONE_THREAD = ("tiny", "baby")  # on a busy 2-core machine one thread trains thes
 @needs_torch
 def demo(out, steps, preset, overwrite, threads):
     """The main job end to end: train a small model on the default corpus, export it to ONNX, check
-    parity rung by rung, and generate text with ONNX Runtime (baby: about 4 minutes on 2 CPU cores)."""
+    parity rung by rung, and generate text with ONNX Runtime (baby: about 2.5 minutes on 2 idle CPU cores)."""
     from .fsutil import is_nonempty_dir
 
     t_demo = time.perf_counter()
