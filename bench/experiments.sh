@@ -77,6 +77,8 @@ recipe() {
   ressformer mqar --seq-len 256 --pairs 16 --steps 4000 --set segment_len=256 --threads 1 \
     --json-out "$R/mqarlong_r_256_16.json"  # 256/16 again, twice the steps
   ressformer mqar --seq-len 256 --pairs 16 --steps 4000 --baseline --threads 1 --json-out "$R/mqarlong_b_256_16.json"
+  ressformer mqar --seq-len 256 --pairs 16 --steps 2000 --set segment_len=256 --set top_k=32 --threads 1 \
+    --json-out "$R/mqar_r_topk32_256_16.json"  # a wider selection
   }
 }
 if [ "${2:-}" = baby ]; then baby_gpt; exit 0; fi
