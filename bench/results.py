@@ -118,17 +118,22 @@ REFRESH_RUNS = [("baby_baseline_lr3e-3", "dense baseline, lr 3e-3", "speed_basel
                 ("res_k2_2000_lr6e-3", "ReSSFormer K=2 (baby), lr 6e-3", "speed_k2")]
 
 
+def _refresh_runs(root: Path):
+    """(run name, label, its summary, its model's speed-run summary) of the refresh runs present in ROOT."""
+    for name, label, speed in REFRESH_RUNS:
+        s, v = summary(root / name), summary(root / speed)
+        if s and v:
+            yield name, label, s, v
+
+
 def refresh_table(root: Path) -> str:
     """Final val bpb of the refresh runs, with the training time each would take alone on one thread
     (steps x bytes per step / the tokens/s of its model's 100-step speed run)."""
     rows = ["| run | steps (tokens) | val bpb | tokens/s alone | training time alone |", "|---|---|---|---|---|"]
-    for name, label, speed in REFRESH_RUNS:
-        s, v = summary(root / name), summary(root / speed)
-        if s and v:
-            secs = s["tokens"] / v["tokens_per_s"]
-            tps = v["tokens_per_s"]
-            rows.append(f"| {label} | {s['step']:,} ({s['tokens']:,}) | {s['val_bpb']:.3f} | {tps:,.0f} | "
-                        f"{secs // 60:.0f} min {secs % 60:02.0f} s |")
+    for _, label, s, v in _refresh_runs(root):
+        secs, tps = s["tokens"] / v["tokens_per_s"], v["tokens_per_s"]
+        rows.append(f"| {label} | {s['step']:,} ({s['tokens']:,}) | {s['val_bpb']:.3f} | {tps:,.0f} | "
+                    f"{secs // 60:.0f} min {secs % 60:02.0f} s |")
     return "\n".join(rows)
 
 
@@ -141,10 +146,7 @@ def refresh_plot(root: Path, out: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     drawn = False
-    for name, label, speed in REFRESH_RUNS:
-        s, v = summary(root / name), summary(root / speed)
-        if not (s and v):
-            continue
+    for name, label, s, v in _refresh_runs(root):
         recs = read_metrics(root / name / "metrics.jsonl")
         per_step = s["tokens"] / s["step"]
         pts = [(r["step"] * per_step, r["val_bpb"]) for r in recs if "val_bpb" in r and r["step"] > 0]
