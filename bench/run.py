@@ -187,7 +187,8 @@ def _prepare(checkpoint, preset, export_dir, work: Path, progress):
         from ressformer.export.exporter import export_checkpoint
 
         t0 = time.perf_counter()
-        export_dir = export_checkpoint(checkpoint, work / "export", validate=False, progress=lambda s: None)
+        export_dir = export_checkpoint(checkpoint, work / "export", validate=False, step_graphs=True,
+                                       progress=lambda s: None)
         progress(f"exported to a temporary folder in {time.perf_counter() - t0:.1f}s")
     else:
         meta = json.loads((Path(export_dir) / "ressformer.json").read_text())

@@ -22,6 +22,7 @@ from ressformer import fsutil
 from ressformer.checkpoint import checkpoint_hash, load_checkpoint
 from ressformer.ops import OPSET_VERSION
 
+from . import ort_moe
 from .modules import example_inputs, wrapper_for
 from .ops import DOMAIN, SUPPORTED_OPSETS, check_normalizers, function_protos
 from .ops import _all_nodes as _nodes
@@ -36,6 +37,14 @@ GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "max_new_t
                        "repetition_penalty": 1.0, "stop": []}
 IR_VERSION = 10  # onnxruntime-gpu 1.31 accepts IR <= 13; 10 is what torch writes
 DTYPES = ("fp32", "fp16")
+# Weight-only quantization (ONNX Runtime flavour): every weight MatMul becomes com.microsoft
+# MatMulNBits with `bits` per weight, symmetric, one float32 scale per block of `block_size` inputs.
+# Accuracy level 4: activations are quantized to int8 per block inside the kernel (MLAS's fastest
+# CPU path); the quality cost is measured at export (validate) and stated in the model card.
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4
 # Opset 20: GELU exports as one `Gelu` node instead of five (Div, Erf, Add, Mul, Mul), 32 fewer nodes
 # per decoded token for `small` (docs/performance.md)
 DEFAULT_OPSET = 20
@@ -48,8 +57,14 @@ class ExportError(RuntimeError):
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       dtype: str = "fp32", steps: int | list[int] | None = None, validate=None,
-                      quantize: str | None = None, progress=print, overwrite: bool = False) -> Path:
+                      quantize: str | None = None, progress=print, overwrite: bool = False,
+                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
     """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
+
+    Graphs: `init.onnx` and, for each K of `steps` (default: the trained K), `piece_kK.onnx` +
+    `segment_end_kK.onnx`; with step_graphs also embed/step/head/memory (any K at run time; they
+    repeat the weights). quantize: None (float weights, portable: ONNX functions only) or
+    "int8"/"int4" (weight-only MatMulNBits, ONNX Runtime flavour; block_size weights per scale).
 
     validate: None (no validation) or a callable `validate(model, folder, progress=...) -> report`
     run on the finished folder before it is moved into place (the CLI passes the parity ladder's
@@ -59,11 +74,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise ValueError(f"unsupported opset {opset}; supported: {', '.join(map(str, SUPPORTED_OPSETS))}")
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"unsupported quantization {quantize!r}; supported: int8")
-    if quantize and dtype != "fp32":  # int8 replaces fp32 weights; fp16 ones sit behind Casts
-        raise ValueError(f"quantize={quantize} needs dtype fp32 (the int8 weights replace the float32 ones), "
-                         f"got dtype {dtype}")
+    if quantize not in (None, *QUANTIZE_BITS):
+        raise ValueError(f"unsupported quantization {quantize!r}; supported: {', '.join(QUANTIZE_BITS)}")
+    if quantize and dtype != "fp32":  # quantized weights replace fp32 ones; fp16 ones sit behind Casts
+        raise ValueError(f"quantize={quantize} needs dtype fp32 (the {quantize} weights replace the float32 "
+                         f"ones), got dtype {dtype}")
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size {block_size!r} is not supported; use one of "
+                         f"{', '.join(map(str, BLOCK_SIZES))}")
     if fsutil.same_or_nested(out, checkpoint):  # never replace (or write into) the input, even with overwrite
         raise ValueError(f"output {out} overlaps the checkpoint {checkpoint} (the same folder, or one inside "
                          "the other); export to a folder outside the checkpoint")
@@ -86,28 +104,38 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise ValueError("export supports the shared-block ReSSFormer (config shared=True); "
                          "the dense baseline is a PyTorch-only comparison model")
     steps_list = _steps_list(steps, cfg.n_steps)
-    specs = graph_specs(cfg, steps_list)
+    if cfg.n_steps not in steps_list and not step_graphs:
+        raise ValueError(f"steps {steps_list} leave out the trained K={cfg.n_steps}: include it, or write the "
+                         "step graphs (step_graphs / --step-graphs), which run any K")
+    specs = graph_specs(cfg, steps_list, step_graphs=step_graphs)
+    qmoe = bool(quantize) and ort_moe.supported(cfg, block_size)
     tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:
-        graphs = {}
-        for i, (name, spec) in enumerate(specs.items(), 1):
-            t0 = time.perf_counter()
-            proto = _export_graph(model, name, spec, cfg, opset)
-            if dtype == "fp16":
-                proto = _fp16_weights(proto)
-            path = tmp / spec.file
-            _save(proto, path)
-            if quantize == "int8":
-                _quantize_int8(path)
-            onnx.checker.check_model(str(path), full_check=True)
-            graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "bytes": _size(path)}
-            progress(f"[{i}/{len(specs)}] {spec.file}: {graphs[name]['bytes'] / 1e6:.2f} MB "
-                     f"in {time.perf_counter() - t0:.1f}s")
+        graphs, ort_ops = {}, set()
+        with contextlib.ExitStack() as stack:
+            if qmoe:  # the ONNX Runtime flavour's experts: one QMoE node per MoE call (export/ort_moe.py)
+                stack.enter_context(ort_moe.qmoe_layers(model, QUANTIZE_BITS[quantize], block_size))
+            for i, (name, spec) in enumerate(specs.items(), 1):
+                t0 = time.perf_counter()
+                proto = _export_graph(model, name, spec, cfg, opset)
+                if dtype == "fp16":
+                    proto = _fp16_weights(proto)
+                if quantize:
+                    proto = quantize_weights(proto, QUANTIZE_BITS[quantize], block_size)
+                ort_ops |= {n.op_type for n in _nodes(proto.graph) if n.domain == ort_moe.DOMAIN}
+                path = tmp / spec.file
+                _save(proto, path)
+                onnx.checker.check_model(str(path), full_check=True)
+                graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "bytes": _size(path)}
+                progress(f"[{i}/{len(specs)}] {spec.file}: {graphs[name]['bytes'] / 1e6:.2f} MB "
+                         f"in {time.perf_counter() - t0:.1f}s")
         sidecar = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "ressformer_opset": {"domain": DOMAIN, "version": OPSET_VERSION},
             "onnx_opset": opset, "ir_version": IR_VERSION, "dtype": dtype, "quantize": quantize,
+            **({"quantize_block_size": block_size, "flavour": "onnxruntime"} if quantize else {"flavour": "portable"}),
+            "onnxruntime_ops": sorted(ort_ops),  # com.microsoft contrib ops the graphs use (none: portable)
             "config": cfg.to_dict(), "steps": cfg.n_steps,
             "segment_len": cfg.segment_len, "cache_len": cfg.cache_len, "mem_slots": cfg.mem_slots,
             "tokenizer": {"type": "bytes", "vocab_size": cfg.vocab_size, "encoding": "utf-8"},
@@ -147,8 +175,12 @@ def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | No
     k = int(sidecar["steps"])
     piece, seg_end = (sidecar["graphs"][n]["file"] for n in sidecar["unrolled"][str(k)].values()) \
         if str(k) in sidecar["unrolled"] else (f"piece_k{ks[0]}.onnx", f"segment_end_k{ks[0]}.onnx")
-    weights = "float32" if sidecar["dtype"] == "fp32" and not sidecar["quantize"] else \
-        "int8 weight MatMuls (dynamic quantization)" if sidecar["quantize"] else "float16 (computation in float32)"
+    q = sidecar.get("quantize")
+    weights = (f"{q} weight MatMuls (weight-only, ONNX Runtime's MatMulNBits, {sidecar['quantize_block_size']} "
+               "weights per float32 scale; the routers and the embedding stay float32)" if q else
+               "float32" if sidecar["dtype"] == "fp32" else "float16 (computation in float32)")
+    flavour = ("ONNX Runtime flavour: `com.microsoft` MatMulNBits (onnxruntime, onnxruntime-node, onnxruntime-web)"
+               if q else "portable: standard ONNX ops and ONNX functions only")
     total = sum(g["bytes"] for g in sidecar["graphs"].values())
     lines = [
         "# ReSSFormer language model (ONNX export)", "",
@@ -158,12 +190,14 @@ def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | No
         "recurrent state (memory slots, key/value caches) carried from segment to segment.", "",
         "| | |", "|---|---|",
         f"| parameters | {n_params:,} |",
-        f"| recurrent steps K (trained) | {k}; graphs unrolled for K = {', '.join(map(str, ks))}; any other K "
-        "runs on the step graphs |",
+        f"| recurrent steps K (trained) | {k}; graphs unrolled for K = {', '.join(map(str, ks))}; "
+        + ("any other K runs on the step graphs |" if "step" in sidecar["graphs"] else
+           "no step graphs (export with `--step-graphs` to run other K) |"),
         f"| segment length L | {sidecar['segment_len']} tokens |",
         f"| token cache C | {sidecar['cache_len']} keys/values per step from the previous segment |",
         f"| memory | {sidecar['mem_slots']} slots of {cfg['d_model']} |",
         f"| weights | {weights}; {len(sidecar['graphs'])} graphs, {total / 1e6:.2f} MB |",
+        f"| flavour | {flavour} |",
         f"| ONNX | opset {sidecar['onnx_opset']}, IR {sidecar['ir_version']}, ops of domain "
         f"`{sidecar['ressformer_opset']['domain']}` v{sidecar['ressformer_opset']['version']} stored as ONNX "
         "functions inside the graphs (stock ONNX Runtime runs them) |",
@@ -176,6 +210,16 @@ def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | No
     if report is None:
         lines += ["Not validated at export (`--no-validate`). Check it against its checkpoint with "
                   "`ressformer parity CHECKPOINT EXPORT_DIR`.", ""]
+    elif "quality" in report:  # a quantized export: its measured quality cost
+        qr, b = report["quality"], report["budgets"]
+        verdict = "passed" if report["passed"] else "FAILED"
+        lines += [f"Quality against the PyTorch fp32 checkpoint at export: **{verdict}** "
+                  f"({qr['bytes']:,} bytes of held-out text, streamed through the memory as deployed).", "",
+                  "| measure | PyTorch fp32 | this export | cost | budget |", "|---|---|---|---|---|",
+                  f"| bits per byte | {qr['bpb_pytorch_fp32']:.4f} | {qr['bpb_onnxruntime']:.4f} | "
+                  f"{qr['bpb_delta']:+.4f} | <= +{b['bpb']} |",
+                  f"| top-1 next byte agrees (positions off ties) | | {qr['top1_agreement']:.3f} "
+                  f"({qr['top1_positions']:,} positions) | | >= {b['top1']} |", ""]
     else:
         rows = report["rows"]
         lines += [f"ONNX Runtime against PyTorch at export: **{'passed' if report['passed'] else 'FAILED'}**, "
@@ -266,6 +310,9 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
             output_names=[o.name for o in spec.outputs], dynamic_shapes=spec.dynamic_shapes(),
             dynamo=True, opset_version=opset, optimize=True, verbose=False)
     proto = prog.model_proto
+    if any(n.domain == ort_moe.DOMAIN for n in _nodes(proto.graph)) and \
+            not any(o.domain == ort_moe.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(ort_moe.DOMAIN, 1))
     used = {n.op_type for n in _nodes(proto.graph) if n.domain == DOMAIN}
     if used:
         proto.functions.extend(function_protos(cfg.normalizer, opset))
@@ -318,17 +365,26 @@ def _fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _quantize_int8(path: Path) -> None:
-    """onnxruntime's dynamic quantization of the weight MatMuls (int8 weights, fp32 activations)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_weights(proto: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
+    """Weight-only quantization of every weight MatMul (attention, experts, head, memory update)
+    to com.microsoft MatMulNBits: `bits`-bit symmetric weights, a float32 scale per block of
+    `block_size` inputs. Weight views (Transpose, Gather of one expert) are folded first so each
+    MatMul reads an initializer; the routers' Gemms (E outputs, where a flip changes the experts
+    a token uses) stay float32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    tmp = path.with_suffix(".q.onnx")
-    proto = onnx.load(str(path))
-    if _fold_weight_views(proto):
-        _save(proto, path)
-    with _quiet():
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-    os.replace(tmp, path)
+    _fold_weight_views(proto)
+    with _quiet("onnxruntime.quantization"):
+        q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=ACCURACY_LEVEL)
+        q.process()
+    out = q.model.model
+    left = [n.name for n in out.graph.node if n.op_type == "MatMul"
+            and n.input[1] in {i.name for i in out.graph.initializer}]
+    if left:
+        raise ExportError(f"weight MatMuls left unquantized: {left[:5]}")
+    out.ir_version = IR_VERSION
+    return out
 
 
 def _fold_weight_views(proto: onnx.ModelProto) -> int:
@@ -420,9 +476,9 @@ def _size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporter's own chatter (we print our own progress)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+def _quiet(*more: str):
+    """Silence the exporter's (and quantizer's) own chatter (we print our own progress)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", *more)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

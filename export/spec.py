@@ -43,11 +43,14 @@ def unrolled_names(steps: int) -> tuple[str, str]:
     return tuple(f"{role}_k{steps}" for role in UNROLLED_ROLES)
 
 
-def graph_specs(cfg, steps_list=(None,)) -> dict[str, GraphSpec]:
+STEP_GRAPHS = ("embed", "step", "head", "memory")
+
+
+def graph_specs(cfg, steps_list=(None,), step_graphs: bool = True) -> dict[str, GraphSpec]:
     """The graphs of one export. `cfg` is a ReSSFormerConfig; `steps_list` the K values that get
-    unrolled graphs (None: the trained K). The step-graph path (embed, step, head, memory) runs any
-    K; the unrolled path (piece + segment_end) runs one of `steps_list` in one ONNX Runtime run per
-    piece of a segment (docs/runtime-contract.md)."""
+    unrolled graphs (None: the trained K). The step-graph path (embed, step, head, memory; only
+    with step_graphs) runs any K; the unrolled path (piece + segment_end) runs one of `steps_list`
+    in one ONNX Runtime run per piece of a segment (docs/runtime-contract.md)."""
     d, H, D, C, m, V = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.cache_len, cfg.mem_slots, cfg.vocab_size
     w = max(cfg.conv_kernel - 1, 0)
     f, i64 = "float32", "int64"
@@ -80,6 +83,8 @@ def graph_specs(cfg, steps_list=(None,)) -> dict[str, GraphSpec]:
                   "at a segment's end, for each step t in order: one gated memory refinement with the "
                   "segment's keys/values at t, and step t's token cache for the next segment"),
     ]
+    if not step_graphs:
+        specs = [s for s in specs if s.name not in STEP_GRAPHS]
     for steps in dict.fromkeys(s or cfg.n_steps for s in steps_list):
         S = steps
         skv = lambda n, ax, S=S: IO(n, f, (S, "batch", H, ax, D))  # noqa: E731

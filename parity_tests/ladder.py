@@ -20,8 +20,10 @@ Tolerances live in TOLERANCES (docs/parity.md gives the measured distributions b
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,6 +33,8 @@ from ressformer.export.ops import DOMAIN, OPSET_VERSION
 from ressformer.runtime import ReSSFormerSession
 
 from ressformer import ops as tops
+
+from .quality import BUDGETS, check_quality
 
 # (a, r) per export mode and rung: an output passes iff, elementwise,
 #   |ort - torch| <= a * max|torch| + r * |torch|
@@ -200,7 +204,7 @@ class Ladder:
     def rung_ops(self, seed=0):
         """Each op function as shipped inside step.onnx and each unrolled piece graph, run alone in
         ORT, against PyTorch."""
-        names = ["step"] + [u["piece"] for u in self.sess.meta["unrolled"].values()]
+        names = ["step"] * self.sess.has_step_graphs + [u["piece"] for u in self.sess.meta["unrolled"].values()]
         for name in names:
             self._ops_of(name, seed)
 
@@ -324,6 +328,14 @@ class Ladder:
         with torch.no_grad():
             st = model(torch.from_numpy(warm)).state
         x = rng.integers(0, cfg.vocab_size, (batch, min(16, L - st.pos % L)))  # the rest of the segment
+        if sess.has_step_graphs:
+            self._step_graph(st, x, batch)
+        for steps, names in sorted(sess.unrolled.items()):
+            self._piece_on_state(st, x, steps, names["piece"], batch)
+
+    def _step_graph(self, st, x, batch):
+        """step.onnx, step by step, on the state st and piece x, against model.step."""
+        cfg, model, sess = self.cfg, self.model, self.sess
         with torch.no_grad():
             h, _ = model.embed_tokens(torch.from_numpy(x), st.conv, st.pos)
             for t in range(cfg.n_steps):
@@ -354,8 +366,6 @@ class Ladder:
                                      torch.cat([st.past_k[t], tk], -2).numpy(), self.tol["step"]))
                     self.add(compare("step", case, "attn_w", r["attn_w"], tw.numpy(), self.tol["step"]))
                 h = th
-        for steps, names in sorted(sess.unrolled.items()):
-            self._piece_on_state(st, x, steps, names["piece"], batch)
 
     def _piece_on_state(self, st, x, steps, graph, batch):
         """The unrolled piece graph on the same mid-sequence state: logits and present keys."""
@@ -476,12 +486,17 @@ def _op_model(op_name, funcs, opset, cfg) -> onnx.ModelProto:
 # ---- entry points ---------------------------------------------------------------------------------
 def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None, provider="cpu",
                generate_tokens=128, progress=None, mode=None, threads=None) -> dict:
-    """The whole ladder (the `ressformer parity` command). Returns the report as a dict."""
+    """The whole ladder (the `ressformer parity` command). Returns the report as a dict. A
+    quantized export is checked on quality instead (parity_tests/quality.py)."""
+    if _quantized(export_dir):
+        return check_quality(model, export_dir, threads=threads, progress=progress)
     lad = Ladder(model, export_dir, provider=provider, mode=mode, progress=progress, threads=threads)
     cfg = model.config
     k, L = cfg.top_k, cfg.segment_len
     lengths = lengths or sorted({1, max(k - 1, 1), k, k + 1, 257, 2 * L + 3})
-    steps_list = steps_list or sorted({cfg.n_steps, 1, cfg.n_steps + 2})
+    # other K run on the step graphs, or on the unrolled graphs exported for them
+    other = {1, cfg.n_steps + 2} if lad.sess.has_step_graphs else set(lad.sess.unrolled)
+    steps_list = steps_list or sorted({cfg.n_steps} | other)
     say = progress or (lambda s: None)
     say("rung ops: each ressformer op")
     lad.rung_ops()
@@ -500,7 +515,7 @@ def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None,
                     continue
                 fn(b, n)
         longest = min(max(lengths), 2 * L + 3) if rung != "segment" else min(L, max(lengths))
-        if lad.sess.path_for(cfg.n_steps) == "unrolled":  # the step graphs too, on one case per rung
+        if lad.sess.has_step_graphs and lad.sess.path_for(cfg.n_steps) == "unrolled":  # one case per rung
             fn(batches[-1], longest, path="steps")
         for s in steps_list:
             if s != cfg.n_steps:
@@ -511,10 +526,19 @@ def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None,
     return lad.report.to_dict()
 
 
+def _quantized(export_dir) -> bool:
+    meta = json.loads((Path(export_dir) / "ressformer.json").read_text(encoding="utf-8"))
+    return meta.get("quantize") in BUDGETS
+
+
 def validate_export(model, export_dir, progress=None) -> dict:
     """The exporter's check: shapes other than the export shapes (batch 1 and 3; lengths 1,
-    k-1, k+1 and several segments), one pass of each rung."""
+    k-1, k+1 and several segments), one pass of each rung (the step graphs' cases where the export
+    has them). A quantized export is checked on quality instead (parity_tests/quality.py)."""
+    if _quantized(export_dir):
+        return check_quality(model, export_dir, progress=progress)
     lad = Ladder(model, export_dir, progress=progress)
+    steps = lad.sess.has_step_graphs
     cfg = model.config
     k, L = cfg.top_k, cfg.segment_len
     lad.rung_ops()
@@ -523,11 +547,12 @@ def validate_export(model, export_dir, progress=None) -> dict:
         for n in sorted({1, max(k - 1, 1), min(k + 1, L)}):
             lad.rung_segment(b, n)
     lad.rung_segment(1, L)
-    lad.rung_segment(1, L, path="steps")
     lad.rung_stream(3, 2 * L + 5)
-    lad.rung_stream(1, L + 5, path="steps")
     lad.rung_decode(1, min(L + 6, 2 * L))
-    lad.rung_decode(1, min(L + 6, 2 * L), path="steps")
+    if steps:
+        lad.rung_segment(1, L, path="steps")
+        lad.rung_stream(1, L + 5, path="steps")
+        lad.rung_decode(1, min(L + 6, 2 * L), path="steps")
     lad.rung_generate(new_tokens=16)
     rep = lad.report.to_dict()
     if progress:

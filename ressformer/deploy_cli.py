@@ -42,15 +42,22 @@ SIDECAR_KEYS = ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256")
 @click.option("--opset", default=20, show_default=True, type=Int(18, 23), help="default-domain ONNX opset (18-23)")
 @click.option("--dtype", default="fp32", show_default=True, type=Choice(["fp32", "fp16"], "unsupported dtype"),
               help="fp16: weights stored as float16 (computation stays float32)")
-@click.option("--quantize", default=None, type=Choice(["int8"], "unsupported quantization"),
-              help="int8: dynamic quantization of the weight MatMuls")
+@click.option("--quantize", default=None, type=Choice(["int8", "int4"], "unsupported quantization"),
+              help="int8/int4: weight-only quantization of every weight MatMul (ONNX Runtime's MatMulNBits), "
+                   "validated on bits per byte against PyTorch fp32")
+@click.option("--block-size", default="32", show_default=True,
+              type=Choice(["16", "32", "64", "128", "256"], "unsupported block size"),
+              help="with --quantize: weights per quantization scale")
 @click.option("--steps", default=None, type=IntList(1),
               help="K of the unrolled graphs, or a list K1,K2 (default: the trained K)")
+@click.option("--step-graphs", is_flag=True,
+              help="also write the step graphs (embed, step, head, memory): any K at run time (test-time "
+                   "depth), at the cost of a second copy of the weights")
 @click.option("--no-validate", is_flag=True, help="skip the ONNX Runtime vs PyTorch validation")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output folder (atomically; never the checkpoint)")
 @threads_option
 @needs_torch
-def export(checkpoint, out, opset, dtype, quantize, steps, no_validate, overwrite, threads):
+def export(checkpoint, out, opset, dtype, quantize, block_size, steps, step_graphs, no_validate, overwrite, threads):
     """Export CHECKPOINT to ONNX (graphs + ressformer.json), validated against PyTorch."""
     from .fsutil import same_or_nested
 
@@ -61,9 +68,12 @@ def export(checkpoint, out, opset, dtype, quantize, steps, no_validate, overwrit
     from ressformer.export.exporter import export_checkpoint
     from ressformer.parity.ladder import validate_export
 
-    export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize,
+    if block_size != "32" and not quantize:
+        raise OptionError("--block-size applies to a quantized export: add --quantize int8 or int4")
+    export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize, block_size=int(block_size),
                       steps=None if steps is None else steps[0] if len(steps) == 1 else steps,
-                      validate=None if no_validate else validate_export, overwrite=overwrite, progress=say)
+                      step_graphs=step_graphs, validate=None if no_validate else validate_export,
+                      overwrite=overwrite, progress=say)
 
 
 @click.command()

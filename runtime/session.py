@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ KNOWN_RESSFORMER_OPSETS = (1,)
 DOMAIN = "ressformer"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PATHS = ("unrolled", "steps")
+STEP_GRAPHS = ("embed", "step", "head", "memory")  # the steps path (any K); optional (export --step-graphs)
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -104,6 +106,20 @@ class _Graph:
         return dict(zip(outputs, binding.get_outputs()))
 
 
+class _LazyGraphs(dict):
+    """name -> _Graph, each loaded (its file checked) on first use; thread-safe."""
+
+    def __init__(self, load):
+        super().__init__()
+        self._load, self._lock = load, threading.Lock()
+
+    def __missing__(self, name: str) -> _Graph:
+        with self._lock:
+            if not dict.__contains__(self, name):
+                dict.__setitem__(self, name, self._load(name))
+            return dict.__getitem__(self, name)
+
+
 def _host(v):
     return v.numpy() if isinstance(v, ort.OrtValue) else v
 
@@ -164,12 +180,20 @@ class ReSSFormerSession:
         # would steal a core from it: they get workers that do not spin. Measured on 2 cores
         # (`small`, threads=2, step path): decode 112 -> 214 tokens/s (docs/performance.md).
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        self.graphs: dict[str, _Graph] = {}
-        for name, g in self.meta["graphs"].items():
+
+        def load(name: str) -> _Graph:
+            g = self.meta["graphs"].get(name)
+            if g is None:
+                raise ModelError(f"{SIDECAR} in {self.dir} names no graph {name!r}")
             path = self.dir / g["file"]
             self._check_graph_file(name, path, g, verify_hashes)
-            spin = name == "step" or name.startswith("piece_k")
-            self.graphs[name] = _Graph(path, options(spin), providers, provider)
+            return _Graph(path, options(name == "step" or name.startswith("piece_k")), providers, provider)
+
+        # Only the graphs a path runs are loaded (weights once in memory): the default path's now,
+        # checked and ready; another path's (the step graphs, another K) on first use.
+        self.graphs = _LazyGraphs(load)
+        for name in self.graph_names(self.steps):
+            self.graphs[name]
 
     # ---- loading and checks -----------------------------------------------------------------
     def _read_sidecar(self) -> dict:
@@ -199,7 +223,8 @@ class ReSSFormerSession:
         if _model_hash(meta) != meta["model_sha256"]:
             raise ModelError(f"{path} was edited: its model fields no longer match model_sha256 (only the "
                              "'generation' defaults may be edited); re-export the checkpoint")
-        missing = {"init", "embed", "step", "head", "memory"} - set(meta["graphs"])
+        steps = set(STEP_GRAPHS) & set(meta["graphs"])
+        missing = {"init"} - set(meta["graphs"]) | (set(STEP_GRAPHS) - steps if steps else set())
         missing |= {n for names in meta["unrolled"].values() for n in names.values()} - set(meta["graphs"])
         if missing:
             raise ModelError(f"{path} names no graph for {sorted(missing)}")
@@ -240,7 +265,21 @@ class ReSSFormerSession:
         if path == "unrolled" and steps not in self.unrolled:
             raise ValueError(f"this export has unrolled graphs for K in {sorted(self.unrolled)}, not {steps}; "
                              "use path='steps' or re-export with --steps")
-        return path or ("unrolled" if steps in self.unrolled else "steps")
+        path = path or ("unrolled" if steps in self.unrolled else "steps")
+        if path == "steps" and not self.has_step_graphs:
+            raise ValueError(f"this export has no step graphs, so it runs K in {sorted(self.unrolled)} only, not "
+                             f"K={steps} on the steps path; re-export with --step-graphs (any K) or --steps {steps}")
+        return path
+
+    @property
+    def has_step_graphs(self) -> bool:
+        return all(n in self.meta["graphs"] for n in STEP_GRAPHS)
+
+    def graph_names(self, steps: int, path: str | None = None) -> list[str]:
+        """The graphs that run K = steps on a path (the ones a session loads for it)."""
+        if self.path_for(steps, path) == "unrolled":
+            return ["init", *self.unrolled[steps].values()]
+        return ["init", *STEP_GRAPHS]
 
     def check_tokens(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)

@@ -43,5 +43,5 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     from ressformer.parity.ladder import validate_export
 
     out = tmp_path_factory.mktemp("ex") / "tiny"
-    export_checkpoint(tiny_checkpoint, out, validate=validate_export, progress=lambda s: None)
+    export_checkpoint(tiny_checkpoint, out, validate=validate_export, step_graphs=True, progress=lambda s: None)
     return out

@@ -94,7 +94,7 @@ def make_tiny_export(folder: Path, strong: bool) -> Path:
             scale = p.std() if p.numel() > 1 and p.std() > 0 else 0.05
             p.add_(torch.randn_like(p) * (1.0 if strong else 0.3) * scale)
     save_checkpoint(m.eval(), folder / "ck")
-    export_checkpoint(folder / "ck", folder / "export", validate=None, progress=lambda s: None)
+    export_checkpoint(folder / "ck", folder / "export", validate=None, step_graphs=True, progress=lambda s: None)
     return folder / "export"
 
 

@@ -162,7 +162,7 @@ CLI = [
      "unsupported dtype"),
     ("export-opset", lambda w: ["export", S(w.ck), "--out", S(w.odd / "o"), "--opset", "9"], 2, "--opset"),
     ("export-steps-0", lambda w: ["export", S(w.ck), "--out", S(w.odd / "o"), "--steps", "0"], 2, "--steps"),
-    ("export-quantize", lambda w: ["export", S(w.ck), "--out", S(w.odd / "o"), "--quantize", "int4"], 2,
+    ("export-quantize", lambda w: ["export", S(w.ck), "--out", S(w.odd / "o"), "--quantize", "int2"], 2,
      "unsupported quantization"),
     ("export-nonempty-out", lambda w: ["export", S(w.ck), "--out", S(w.full)], 1, "not empty"),
     ("export-out-file", lambda w: ["export", S(w.ck), "--out", S(w.file)], 2, "is a file"),

@@ -120,7 +120,7 @@ def test_cli_errors_exit_nonzero(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("opset", [18, 23])
 def test_opsets(tiny_checkpoint, tmp_path, opset):
     out = export_checkpoint(tiny_checkpoint, tmp_path / f"o{opset}", opset=opset, validate=validate_export,
-                            progress=lambda s: None)
+                            step_graphs=True, progress=lambda s: None)
     m = onnx.load(str(out / "step.onnx"))
     assert ("", opset) in {(o.domain, o.version) for o in m.opset_import}
     from ressformer.runtime import ReSSFormerSession
@@ -137,7 +137,8 @@ def test_unrolled_graphs_for_several_k(tiny_checkpoint, tmp_path):
 
     from ressformer import load_checkpoint
 
-    out = export_checkpoint(tiny_checkpoint, tmp_path / "ex", steps=[2, 3], validate=None, progress=lambda s: None)
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "ex", steps=[2, 3], validate=None, step_graphs=True,
+                            progress=lambda s: None)
     meta = json.loads((out / "ressformer.json").read_text())
     assert sorted(meta["unrolled"]) == ["2", "3"] and meta["steps"] == 2
     sess = ReSSFormerSession(out)

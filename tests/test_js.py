@@ -112,3 +112,32 @@ def test_browser_demo_streams_python_greedy_text(js_references, tmp_path):
     finally:
         browser.close()
         server.close()
+
+
+def test_node_runtime_runs_the_quantized_flavour(tiny_checkpoint, tmp_path):
+    """An int4 export (com.microsoft MatMulNBits + QMoE) in the JavaScript runtime on onnxruntime-node:
+    the same logits as the Python runtime on the same graphs (two segment ends), the same greedy tokens."""
+    import numpy as np
+    from ressformer.export.exporter import export_checkpoint
+    from ressformer.runtime import ReSSFormerSession
+
+    ex = export_checkpoint(tiny_checkpoint, tmp_path / "int4", quantize="int4", validate=None, progress=lambda s: None)
+    ids = np.random.default_rng(0).integers(0, 256, (1, 70))
+    s = ReSSFormerSession(ex, threads=1)
+    want = s.forward(ids)[0][0]
+    greedy = list(s.generate("ROMEO:", max_new_tokens=40, temperature=0))
+    script = (  # evaluated with runtime/js as the working folder: its node_modules resolve
+        "import * as ort from 'onnxruntime-node';\n"
+        "import { load } from './ressformer.mjs';\n"
+        f"const m = await load({json.dumps(str(ex))}, {{ ort, threads: 1 }});\n"
+        f"const r = await m.forward([{json.dumps(ids[0].tolist())}]);\n"
+        "const toks = [];\n"
+        "for await (const t of m.generate('ROMEO:', { maxNewTokens: 40, temperature: 0 })) toks.push(t);\n"
+        "console.log(JSON.stringify({ logits: Array.from(r.logits), toks }));\n")
+    r = subprocess.run([_node(), "--input-type=module", "-e", script], cwd=JS, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    diff = np.abs(np.array(got["logits"], np.float32).reshape(want.shape) - want).max()
+    assert diff <= 1e-4 * max(1.0, np.abs(want).max()), diff
+    assert got["toks"] == greedy

@@ -63,6 +63,10 @@ export async function load(source, options = {}) {
       "use path 'steps' or re-export with --steps");
   }
   const chosen = path ?? (names ? 'unrolled' : 'steps');
+  if (chosen === 'steps' && !['embed', 'step', 'head', 'memory'].every((n) => n in meta.graphs)) {
+    throw new RangeError(`this export has no step graphs, so it runs K in [${Object.keys(meta.unrolled)}] only, ` +
+      `not K=${K} on the steps path; re-export with --step-graphs (any K) or --steps ${K}`);
+  }
   const roles = chosen === 'unrolled' ? [['init', 'init'], ['piece', names.piece], ['end', names.segment_end]]
     : [['init', 'init'], ['embed', 'embed'], ['step', 'step'], ['head', 'head'], ['memory', 'memory']];
   const base = { graphOptimizationLevel: 'all', logSeverityLevel: 3, ...sessionOptions };

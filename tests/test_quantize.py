@@ -1,0 +1,118 @@
+"""Weight-only int8/int4 exports (ONNX Runtime flavour) and weights-once loading (issue 20)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from ressformer.export.exporter import export_checkpoint
+from ressformer.parity.ladder import validate_export
+from ressformer.parity.quality import BUDGETS, check_quality
+from ressformer.runtime import ModelError, ReSSFormerSession
+
+from ressformer.cli import main
+
+
+@pytest.fixture(scope="module")
+def int4_export(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int4"
+    return export_checkpoint(tiny_checkpoint, out, quantize="int4", validate=validate_export, progress=lambda s: None)
+
+
+def _weight_matmuls(g):
+    inits = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+
+
+def test_int4_covers_every_weight_matmul(int4_export):
+    """Attention, experts (QMoE), memory update and head: no float weight MatMul is left but the routers."""
+    meta = json.loads((int4_export / "ressformer.json").read_text())
+    assert meta["quantize"] == "int4" and meta["quantize_block_size"] == 32 and meta["flavour"] == "onnxruntime"
+    assert meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"]
+    assert set(meta["graphs"]) == {"init", "piece_k2", "segment_end_k2"}  # no step graphs unless asked
+    for name in ("piece_k2", "segment_end_k2"):
+        g = onnx.load(str(int4_export / meta["graphs"][name]["file"])).graph
+        left = _weight_matmuls(g)
+        assert all(n.op_type == "Gemm" for n in g.node if n.name in left)  # the routers' E-wide Gemms only
+        ops = [n.op_type for n in g.node]
+        assert ops.count("MatMulNBits") >= 3 and all(
+            a.i == 4 for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    piece = onnx.load(str(int4_export / "piece_k2.onnx")).graph
+    assert sum(n.op_type == "QMoE" for n in piece.node) == 2  # one per unrolled step
+    assert not [n for n in piece.node if n.op_type in ("NonZero", "ScatterND")]  # no sparse dispatch left
+
+
+def test_quantized_export_is_validated_on_quality(int4_export):
+    rep = json.loads((int4_export / "validation.json").read_text())
+    q = rep["quality"]
+    assert rep["passed"] and q["mode"] == "int4" and q["bytes"] == 8192
+    assert abs(q["bpb_delta"]) <= BUDGETS["int4"]["bpb"] and q["top1_agreement"] >= BUDGETS["int4"]["top1"]
+    card = (int4_export / "README.md").read_text()
+    assert "bits per byte" in card and f"{q['bpb_delta']:+.4f}" in card and "MatMulNBits" in card
+
+
+def test_quality_check_fails_over_budget(int4_export, tiny_checkpoint):
+    """The budget is a real gate: a model that is not the export's fails it."""
+    from tests.conftest import perturbed_model
+
+    other = perturbed_model(seed=1)
+    rep = check_quality(other, int4_export, text=b"To be, or not to be, that is the question. " * 20)
+    assert not rep["passed"] and rep["first_failing_rung"] == "quality"
+
+
+def test_quantized_export_hashes_and_runs(int4_export, tiny_export):
+    sess = ReSSFormerSession(int4_export, threads=1)
+    x = np.random.default_rng(0).integers(0, 256, (2, 70))  # two segment ends
+    a, _ = sess.forward(x)
+    b, _ = ReSSFormerSession(tiny_export, threads=1).forward(x)
+    assert np.isfinite(a).all() and np.abs(a - b).max() < 0.2 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.8
+    data = (int4_export / "piece_k2.onnx").read_bytes()
+    (int4_export / "piece_k2.onnx").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    try:
+        with pytest.raises(ModelError, match="sha256"):
+            ReSSFormerSession(int4_export)
+    finally:
+        (int4_export / "piece_k2.onnx").write_bytes(data)
+
+
+@pytest.mark.parametrize("bits", ["int8"])
+def test_int8_and_block_size(tiny_checkpoint, tmp_path, bits):
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "q", quantize=bits, block_size=16, validate=None,
+                            progress=lambda s: None)
+    meta = json.loads((out / "ressformer.json").read_text())
+    assert meta["quantize_block_size"] == 16
+    g = onnx.load(str(out / "piece_k2.onnx")).graph
+    attrs = {a.name: a.i for n in g.node if n.op_type == "QMoE" for a in n.attribute}
+    assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 16
+    rep = check_quality(__import__("ressformer").load_checkpoint(tiny_checkpoint), out)
+    assert rep["passed"] and rep["quality"]["bpb_delta"] <= BUDGETS["int8"]["bpb"], rep["summary"]
+
+
+def test_bad_quantize_options(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unsupported quantization"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "a", quantize="int3")
+    with pytest.raises(ValueError, match="block size 48"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "b", quantize="int4", block_size=48)
+    with pytest.raises(ValueError, match="leave out the trained K"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "c", steps=3)
+    r = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "d"), "--block-size", "64"])
+    assert r.exit_code == 2 and "--quantize" in r.output
+    r = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "d"), "--quantize", "int2"])
+    assert r.exit_code == 2 and "unsupported quantization" in r.output
+
+
+def test_session_loads_only_the_graphs_its_path_runs(tiny_checkpoint, tiny_export, tmp_path):
+    """Weights once in memory: the unrolled path never loads the step graphs (which repeat the weights);
+    they load on first use of the steps path. An export without them says how to get them."""
+    sess = ReSSFormerSession(tiny_export, threads=1)
+    assert set(sess.graphs) == {"init", "piece_k2", "segment_end_k2"}
+    sess.forward(np.array([[1, 2, 3]]), path="steps")
+    assert {"embed", "step", "head"} <= set(sess.graphs)  # memory.onnx: at the first segment end
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "u", validate=None, progress=lambda s: None)
+    meta = json.loads((out / "ressformer.json").read_text())
+    assert set(meta["graphs"]) == {"init", "piece_k2", "segment_end_k2"}
+    with pytest.raises(ValueError, match="--step-graphs"):
+        ReSSFormerSession(out).forward(np.array([[1]]), steps=3)
+
