@@ -187,7 +187,8 @@ class Ladder:
         self.model = model.eval()
         self.cfg = model.config
         self.dir = export_dir
-        self.sess = ReSSFormerSession(export_dir, provider=provider, threads=threads)
+        # max_piece=None: the session cuts pieces at segment ends only, as the diagnostics accounting expects
+        self.sess = ReSSFormerSession(export_dir, provider=provider, threads=threads, max_piece=None)
         meta = self.sess.meta
         self.mode = mode or ("int8" if meta.get("quantize") == "int8" else meta.get("dtype", "fp32"))
         self.tol = TOLERANCES[self.mode]

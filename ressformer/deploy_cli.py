@@ -418,8 +418,8 @@ def demo(out, steps, preset, overwrite, threads):
 
     say(f"\n== 2/4 export to ONNX ({ex}), validated against PyTorch before it is put in place")
     t0 = time.perf_counter()
-    export_checkpoint(src, ex, overwrite=overwrite, validate=validate_export,
-                      progress=lambda s: say(s) if "\n" not in s else verbose(s))  # its table: --verbose
+    export_checkpoint(src, ex, overwrite=overwrite, validate=validate_export, step_graphs=True,  # all paths: the
+                      progress=lambda s: say(s) if "\n" not in s else verbose(s))  # whole ladder; table: -v
     meta = json.loads((ex / "ressformer.json").read_text())
     val = json.loads((ex / "validation.json").read_text())
     mb = sum(g["bytes"] for g in meta["graphs"].values()) / 1e6

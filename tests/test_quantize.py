@@ -116,3 +116,21 @@ def test_session_loads_only_the_graphs_its_path_runs(tiny_checkpoint, tiny_expor
     with pytest.raises(ValueError, match="--step-graphs"):
         ReSSFormerSession(out).forward(np.array([[1]]), steps=3)
 
+
+
+def test_pieces_are_bounded_and_equal_the_whole(tiny_export):
+    """max_piece cuts long inputs into bounded runs (prefill memory independent of the prompt's length);
+    the logits and the state do not depend on the cut."""
+    x = np.random.default_rng(1).integers(0, 256, (2, 75))
+    a, sa = ReSSFormerSession(tiny_export, max_piece=None).forward(x)
+    small = ReSSFormerSession(tiny_export, max_piece=5)
+    runs = []
+    real = small.graphs["piece_k2"].run
+    small.graphs["piece_k2"].run = lambda feeds, outputs=None: (runs.append(feeds["tokens"].shape[1]),
+                                                                  real(feeds, outputs))[1]
+    b, sb = small.forward(x)
+    assert max(runs) == 5 and sum(runs) == 75
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(sa.memory, sb.memory, atol=2e-5)
+    with pytest.raises(ValueError, match="max_piece"):
+        ReSSFormerSession(tiny_export, max_piece=0)

@@ -242,15 +242,21 @@ def test_bad_model_folders(tiny_export, tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         ReSSFormerSession(tmp_path / "nothing")
     d = _copy(tiny_export, tmp_path / "a")
-    (d / "step.onnx").unlink()
-    with pytest.raises(ModelError, match="step.onnx .* missing"):
+    (d / "piece_k2.onnx").unlink()
+    with pytest.raises(ModelError, match="piece_k2.onnx .* missing"):
         ReSSFormerSession(d)
     d = _copy(tiny_export, tmp_path / "b")
-    data = bytearray((d / "step.onnx").read_bytes())
+    data = bytearray((d / "piece_k2.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (d / "step.onnx").write_bytes(bytes(data))
+    (d / "piece_k2.onnx").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="corrupted"):
         ReSSFormerSession(d)
+    d = _copy(tiny_export, tmp_path / "a2")  # a step graph is checked when its path first runs
+    (d / "step.onnx").unlink()
+    sess = ReSSFormerSession(d)
+    sess.forward(np.array([[1, 2]]))
+    with pytest.raises(ModelError, match="step.onnx .* missing"):
+        sess.forward(np.array([[1, 2]]), path="steps")
     d = _copy(tiny_export, tmp_path / "c")
     meta = json.loads((d / "ressformer.json").read_text())
     meta["ressformer_opset"]["version"] = 99
@@ -270,11 +276,11 @@ def test_unknown_opset_inside_graph(tiny_export, tmp_path):
     import onnx
 
     d = _copy(tiny_export, tmp_path / "e")
-    m = onnx.load(str(d / "head.onnx"))
+    m = onnx.load(str(d / "segment_end_k2.onnx"))
     m.opset_import.append(onnx.helper.make_opsetid("ressformer", 7))
-    onnx.save(m, str(d / "head.onnx"))
+    onnx.save(m, str(d / "segment_end_k2.onnx"))
     meta = json.loads((d / "ressformer.json").read_text())
-    meta["graphs"]["head"]["sha256"] = hashlib.sha256((d / "head.onnx").read_bytes()).hexdigest()
+    meta["graphs"]["segment_end_k2"]["sha256"] = hashlib.sha256((d / "segment_end_k2.onnx").read_bytes()).hexdigest()
     meta["model_sha256"] = model_hash(meta)  # re-signed: only the graph's own opset import betrays it
     (d / "ressformer.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="version 7"):
