@@ -419,14 +419,17 @@ def _(logits, k):
 def _topk_route_setup(ctx, inputs, output):
     gates, idx = output
     ctx.save_for_backward(gates, idx)
-    ctx.n = inputs[0].shape[-1]
+    ctx.n, ctx.dtype = inputs[0].shape[-1], inputs[0].dtype
 
 
 def _topk_route_backward(ctx, d_gates, d_idx):
+    """d logits: the softmax VJP scattered back to the selected columns, in the logits' dtype (under
+    torch.compile with bf16 autocast the incoming gradient may be bf16 while the gates are float32:
+    inductor's scatter needs one dtype)."""
     gates, idx = ctx.saved_tensors
-    g = softmax_vjp(gates, d_gates)
-    d = gates.new_zeros((*gates.shape[:-1], ctx.n))
-    return d.scatter(-1, idx, g), None
+    g = softmax_vjp(gates, d_gates.to(gates.dtype))
+    d = gates.new_zeros((*gates.shape[:-1], ctx.n), dtype=ctx.dtype)
+    return d.scatter(-1, idx, g.to(ctx.dtype)), None
 
 
 _topk_route_op.register_autograd(_topk_route_backward, setup_context=_topk_route_setup)

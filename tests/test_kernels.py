@@ -234,3 +234,20 @@ def test_training_step_has_no_host_reads(monkeypatch):
         loss.backward()
     assert "topk" in log.ops and "_grouped_mm" in log.ops  # the kernels were looked into
     assert all(p.grad is not None for n, p in model.named_parameters() if "pos" not in n)
+
+
+def test_topk_route_backward_mixed_dtypes():
+    """torch.compile with bf16 autocast hands the route's backward a bf16 gradient for float32 gates
+    (inductor failed: `scatter(): Expected self.dtype to be equal to src.dtype`, issue 22). The
+    gradient comes back in the logits' dtype and equals the float32 one up to bf16 rounding."""
+    from types import SimpleNamespace
+
+    logits = torch.randn(7, 8, dtype=torch.float32)
+    gates, idx = ops.topk_route_kernel(logits, 2)
+    ctx = SimpleNamespace(saved_tensors=(gates, idx), n=8, dtype=torch.float32)
+    dg = torch.randn_like(gates)
+    ref, _ = ops._topk_route_backward(ctx, dg, None)
+    got, _ = ops._topk_route_backward(ctx, dg.bfloat16(), None)
+    assert got.dtype == torch.float32 and got.shape == logits.shape
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    assert (got != 0).sum(-1).le(2).all()  # only the selected columns get a gradient
