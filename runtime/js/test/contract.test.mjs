@@ -175,7 +175,7 @@ test('the CLI prints the greedy text; bad options exit 2 with one line, bad expo
   assert.equal(s.stdout, cli(exportDir, '--prompt', 'a', '--max-new-tokens', '5', '--temperature', '0.8',
     '--top-k', '20', '--top-p', '0.9', '--seed', '3').stdout, 'seeded runs repeat');
   for (const [args, code, pattern] of [
-    [[exportDir, '--top-p', '2'], 2, /^error: topP must be in \(0, 1\]/],
+    [[exportDir, '--top-p', '2'], 2, /^error: --top-p must be in \(0, 1\]/],
     [[exportDir, '--temperature', 'hot'], 2, /^error: --temperature must be a number, got 'hot'/],
     [[exportDir, '--frobnicate'], 2, /^error: Unknown option '--frobnicate'/],
     [[], 2, /^error: give one EXPORT_DIR/],
