@@ -74,7 +74,8 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
     if temperature == 0:
         return logits.argmax(-1).astype(np.int64)
     z = logits.astype(np.float64)
-    z = (z - z.max(-1, keepdims=True)) / temperature  # <= 0: a tiny temperature gives -inf, never inf - inf
+    with np.errstate(over="ignore"):  # <= 0: a tiny temperature gives -inf (exp: 0), never inf - inf (NaN)
+        z = (z - z.max(-1, keepdims=True)) / temperature
     if top_k and top_k < z.shape[-1]:
         kth = np.sort(z, -1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)

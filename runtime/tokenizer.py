@@ -18,7 +18,7 @@ class ByteTokenizer:
         except UnicodeEncodeError as e:
             bad = text[e.start].encode("utf-8", "surrogateescape") if e.start < len(text) else b""
             raise ValueError(f"{what} is not valid UTF-8 text (byte {bad.hex() or '?'} at character {e.start}); "
-                             "give UTF-8 text or token ids") from None
+                             "give it as UTF-8 text") from None
         return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids) -> str:

@@ -199,7 +199,7 @@ export async function checkSidecar(text, where = SIDECAR) {
   if (meta.tokenizer.type !== 'bytes') {
     throw new ModelError(`${where}: tokenizer.type ${JSON.stringify(meta.tokenizer.type)} is unknown; this runtime knows ['bytes']`);
   }
-  meta.generation = checkGeneration(meta.generation ?? {}, where);
+  meta.generation = checkGeneration('generation' in meta ? meta.generation : {}, where); // null is an error
   return meta;
 }
 
@@ -433,7 +433,7 @@ export class ReSSFormer {
     this.convWidth = Math.max(Number(cfg.conv_kernel) - 1, 0);
     this.steps = steps;
     this.path = path;
-    this.generation = checkGeneration(meta.generation ?? {}); // checked by checkSidecar, over the fallback
+    this.generation = checkGeneration('generation' in meta ? meta.generation : {}); // as checkSidecar did
     this.fingerprint = String(meta.checkpoint_sha256).slice(0, 16);
     this.graphs = graphs;
     this.ort = ort;
