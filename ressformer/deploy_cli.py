@@ -54,7 +54,7 @@ class Rule(click.ParamType):
         except (TypeError, ValueError):
             raise OptionError(f"{_name(param)} must be {'an integer' if self.name == 'integer' else 'a number'}, "
                               f"got {value!r}", ctx, param) from None
-        msg = rule_error(self.rule, v, _name(param))
+        msg = rule_error(self.rule, v, _name(param), shown=str(value).strip())
         if msg:
             raise OptionError(msg, ctx, param)
         return v
@@ -369,7 +369,8 @@ def score(export_dir, files, steps, provider, threads, as_json):
         click.echo(json.dumps(results, indent=2))
     else:
         for f, r in results.items():
-            click.echo(f"{'standard input' if f == '-' else f}: {r['bits_per_byte']:.4f} bits/byte, perplexity {r['perplexity']:.3f} "
+            name = "standard input" if f == "-" else f
+            click.echo(f"{name}: {r['bits_per_byte']:.4f} bits/byte, perplexity {r['perplexity']:.3f} "
                        f"({r['bytes']:,} bytes, {r['bytes'] / max(r['seconds'], 1e-9):,.0f} bytes/s)")
 
 

@@ -33,13 +33,14 @@ RULES = {
     "max_new_tokens": {"type": "integer", "min": 0, "min_open": False, "max": None, "js": "maxNewTokens",
                        "must": "an integer >= 0", "limits": "0: nothing is generated"},
     "seed": {"type": "integer", "min": 0, "min_open": False, "max": None, "js": "seed",
-             "must": "an integer >= 0 (or None: random)", "limits": "None: a random seed"},
+             "must": "an integer >= 0", "limits": "None (left out): a random seed"},
 }
 
 
-def rule_error(name: str, value, label: str | None = None) -> str | None:
+def rule_error(name: str, value, label: str | None = None, shown: str | None = None) -> str | None:
     """The message for a value that breaks RULES[name] (None if it is valid). label: how the value
-    is named to the user (an option `--top-p`, a field `ressformer.json: generation.top_p`)."""
+    is named to the user (an option `--top-p`, a field `ressformer.json: generation.top_p`); shown:
+    the value as the user typed it (default: its repr)."""
     r = RULES[name]
     if value is None and name == "seed":
         return None
@@ -51,7 +52,7 @@ def rule_error(name: str, value, label: str | None = None) -> str | None:
     if ok:
         lo, hi = r["min"], r["max"]
         ok = (lo is None or (value > lo if r["min_open"] else value >= lo)) and (hi is None or value <= hi)
-    return None if ok else f"{label or name} must be {r['must']}, got {value!r}"
+    return None if ok else f"{label or name} must be {r['must']}, got {repr(value) if shown is None else shown}"
 
 
 def check_option(name: str, value, label: str | None = None, error=ValueError) -> None:
@@ -89,8 +90,11 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
         np.put_along_axis(keep, order, keep_sorted, -1)
         p = np.where(keep, p, 0)
         p /= p.sum(-1, keepdims=True)
+    # the token: the number of ids whose cumulative probability is <= u, at most the last id with p > 0
+    # (u = 0 or a rounded cumulative sum never picks a token of probability 0)
     u = rng.random((p.shape[0], 1))
-    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+    last = p.shape[-1] - 1 - (p[:, ::-1] > 0).argmax(-1)
+    return np.minimum((np.cumsum(p, -1) <= u).sum(-1), last).astype(np.int64)
 
 
 def penalize(logits: np.ndarray, seen: list[set], penalty: float) -> np.ndarray:
@@ -101,5 +105,6 @@ def penalize(logits: np.ndarray, seen: list[set], penalty: float) -> np.ndarray:
     for b, toks in enumerate(seen):
         idx = np.fromiter(toks, np.int64)
         v = out[b, idx]
-        out[b, idx] = np.clip(np.where(v > 0, v / penalty, v * penalty), -F32_MAX, F32_MAX)
+        with np.errstate(over="ignore"):  # overflow: +-inf, clamped
+            out[b, idx] = np.clip(np.where(v > 0, v / penalty, v * penalty), -F32_MAX, F32_MAX)
     return out

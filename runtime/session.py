@@ -237,11 +237,20 @@ class ReSSFormerSession:
             raise ValueError(f"state was built for {state.steps} steps, asked to run {steps}")
         if state.path != path:
             raise ValueError(f"state was built for the {state.path} path, asked to run the {path} path")
-        self._validate_state(state)
 
     def _validate_state(self, s: RuntimeState):
         """A state edited by hand is refused here, naming the field, before ONNX Runtime sees it:
         positions, shapes, dtypes, and finiteness of the small tensors (conv, memory, mem_k/v)."""
+        if s.owner != self.fingerprint:
+            raise ValueError("state belongs to another model (checkpoint hash differs)")
+        arrays = ("conv", "memory", "cache_k", "cache_v", "past_k", "past_v")
+        for name in arrays + (("mem_k", "mem_v") if s.path == "unrolled" else ()):
+            v = getattr(s, name)
+            if not isinstance(v, (np.ndarray, ort.OrtValue)):
+                raise TypeError(f"state.{name} must be a float32 array, got {type(v).__name__}")
+            dtype = v.dtype if isinstance(v, np.ndarray) else v.data_type()
+            if dtype not in (np.float32, "tensor(float)"):
+                raise TypeError(f"state.{name} must be float32, got {dtype}")
         B, S, H, D, L, C = s.batch, s.steps, self.n_heads, self.head_dim, self.segment_len, self.cache_len
         for name in ("pos", "cache_valid", "batch"):
             v = getattr(s, name)
@@ -261,11 +270,6 @@ class ReSSFormerSession:
                 if v is not None:
                     raise ValueError(f"state.{name} must be None on the steps path")
                 continue
-            if not isinstance(v, (np.ndarray, ort.OrtValue)):
-                raise TypeError(f"state.{name} must be a float32 array, got {type(v).__name__}")
-            dtype = v.dtype if isinstance(v, np.ndarray) else v.data_type()
-            if dtype not in (np.float32, "tensor(float)"):
-                raise TypeError(f"state.{name} must be float32, got {dtype}")
             if _shape(v) != shape:
                 raise ValueError(f"state.{name} must have shape {shape} at pos {s.pos}, got {_shape(v)}")
             if name in ("conv", "memory", "mem_k", "mem_v") and isinstance(v, np.ndarray) and not np.isfinite(v).all():
@@ -307,6 +311,8 @@ class ReSSFormerSession:
         B, T = tokens.shape
         if state is not None and not isinstance(state, RuntimeState):
             raise TypeError(f"state must be a RuntimeState (from init_state or forward), got {type(state).__name__}")
+        if state is not None:
+            self._validate_state(state)
         steps = self._check_steps(steps if steps is not None else state.steps if state is not None else self.steps)
         path = self.path_for(steps, path if path is not None else state.path if state is not None else None)
         if state is None:

@@ -28,17 +28,34 @@ try {
   const options = { prompt: { type: 'string' }, stop: { type: 'string', multiple: true }, steps: { type: 'string' },
     threads: { type: 'string' }, stats: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } };
   for (const k of Object.keys(NUMBERS)) options[k] = { type: 'string' };
-  args = parseArgs({ options, allowPositionals: true });
-} catch (e) {
-  fail(`${e.message} ${HELP}`, 2);
+  // As click does, `--seed -1` is an option and its value: parseArgs wants `--seed=-1` for a value with a dash.
+  const argv = process.argv.slice(2), joined = [];
+  for (let i = 0; i < argv.length; i++) {
+    const opt = options[argv[i].slice(2)];
+    if (argv[i].startsWith('--') && opt?.type === 'string' && i + 1 < argv.length) joined.push(`${argv[i]}=${argv[++i]}`);
+    else joined.push(argv[i]);
+  }
+  args = parseArgs({ args: joined, options, allowPositionals: true });
+} catch (e) { // the Python CLI's (click's) words
+  const unknown = /^Unknown option '([^']*)'/.exec(e.message);
+  const missing = /^Option '(--[\w-]+)[^']*' argument missing/.exec(e.message);
+  const msg = unknown ? `No such option '${unknown[1]}'.` : missing ? `Option '${missing[1]}' requires an argument.` : e.message;
+  fail(`${msg} ${HELP}`, 2);
 }
 const { values, positionals } = args;
 if (values.help) {
   process.stdout.write(`${USAGE}\n`);
   process.exit(0);
 }
-if (positionals.length !== 1) fail(`give one EXPORT_DIR ${HELP}`, 2);
+if (positionals.length === 0) fail(`Missing argument 'EXPORT_DIR'. ${HELP}`, 2);
+if (positionals.length > 1) {
+  fail(`Got unexpected extra argument${positionals.length > 2 ? 's' : ''} (${positionals.slice(1).join(' ')}) ${HELP}`, 2);
+}
+const PY_FLOAT = { nan: NaN, '+nan': NaN, '-nan': NaN, inf: Infinity, '+inf': Infinity, '-inf': -Infinity,
+  infinity: Infinity, '+infinity': Infinity, '-infinity': -Infinity }; // Python's float() spellings
 const number = (flag, text, integer) => {
+  const special = integer ? undefined : PY_FLOAT[text.trim().toLowerCase()];
+  if (special !== undefined) return special; // the rule says why it is refused
   const v = Number(text);
   if (text.trim() === '' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
     fail(`--${flag} must be ${integer ? 'an integer' : 'a number'}, got '${text}' ${HELP}`, 2);
@@ -50,7 +67,7 @@ const gen = {};
 for (const [flag, name] of Object.entries(NUMBERS)) {
   if (values[flag] === undefined) continue;
   const v = number(flag, values[flag], SAMPLING_RULES[name].type === 'integer');
-  const msg = ruleError(name, v, `--${flag}`);
+  const msg = ruleError(name, v, `--${flag}`, values[flag].trim());
   if (msg) fail(`${msg} ${HELP}`, 2);
   gen[SAMPLING_RULES[name].js] = v;
 }
@@ -63,6 +80,15 @@ const positive = (flag) => {
   return v;
 };
 const steps = positive('steps'), threads = positive('threads');
+{ // EXPORT_DIR: an existing folder (after undoing an interrupted replacement), a usage error otherwise
+  const { recoverFolder } = await import('./ressformer.mjs');
+  const { stat } = await import('node:fs/promises');
+  const dir = positionals[0];
+  await recoverFolder(dir);
+  const st = await stat(dir).catch(() => null);
+  if (!st) fail(`Invalid value for 'EXPORT_DIR': Directory '${dir}' does not exist. ${HELP}`, 2);
+  if (!st.isDirectory()) fail(`Invalid value for 'EXPORT_DIR': Directory '${dir}' is a file. ${HELP}`, 2);
+}
 const prompt = values.prompt ?? '\n';
 
 try {

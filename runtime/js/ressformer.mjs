@@ -109,7 +109,7 @@ async function folder(source) {
     const path = await import('node:path');
     const url = await import('node:url');
     const dir = source.startsWith('file:') ? url.fileURLToPath(source) : source;
-    await recoverFolder(dir, fs, path);
+    await recoverFolder(dir);
     const st = await fs.stat(dir).catch(() => null);
     if (!st?.isDirectory()) throw new ModelError(`export folder ${dir} does not exist or is not a folder`);
     const read = async (name, missing) => {
@@ -149,7 +149,9 @@ async function folder(source) {
  * only the backup. Same rule as fsutil.recover and runtime/sidecar.py recover_folder: only when NAME is
  * missing, only a backup whose writer is no longer running.
  */
-async function recoverFolder(dir, fs, path) {
+export async function recoverFolder(dir) {
+  const fs = await import('node:fs/promises');
+  const path = await import('node:path');
   const final = path.resolve(dir);
   if (await fs.lstat(final).then(() => true, () => false)) return;
   const names = await fs.readdir(path.dirname(final)).catch(() => []);
@@ -701,12 +703,13 @@ export const SAMPLING_RULES = {
   max_new_tokens: { type: 'integer', min: 0, min_open: false, max: null, js: 'maxNewTokens',
     must: 'an integer >= 0', limits: '0: nothing is generated' },
   seed: { type: 'integer', min: 0, min_open: false, max: null, js: 'seed',
-    must: 'an integer >= 0 (or None: random)', limits: 'None: a random seed' },
+    must: 'an integer >= 0', limits: 'None (left out): a random seed' },
 };
 const F32_MAX = 3.4028234663852886e38;
 
-/** The message for a value that breaks SAMPLING_RULES[name] (null if valid); label names it to the user. */
-export function ruleError(name, value, label = SAMPLING_RULES[name].js) {
+/** The message for a value that breaks SAMPLING_RULES[name] (null if valid); label names it to the user, shown is
+ * the value as typed (runtime/sampling.py rule_error). */
+export function ruleError(name, value, label = SAMPLING_RULES[name].js, shown = undefined) {
   const r = SAMPLING_RULES[name];
   if (name === 'seed' && value === null) return null;
   let ok = r.type === 'integer' ? Number.isSafeInteger(value) || typeof value === 'bigint'
@@ -714,7 +717,8 @@ export function ruleError(name, value, label = SAMPLING_RULES[name].js) {
   if (ok) {
     ok = (r.min === null || (r.min_open ? value > r.min : value >= r.min)) && (r.max === null || value <= r.max);
   }
-  return ok ? null : `${label} must be ${r.must}, got ${typeof value === 'string' ? `'${value}'` : String(value)}`;
+  if (ok) return null;
+  return `${label} must be ${r.must}, got ${shown ?? (typeof value === 'string' ? `'${value}'` : String(value))}`;
 }
 
 /** Throw naming the first bad sampling option. */
@@ -729,7 +733,7 @@ export function checkSampling({ temperature, topK, topP }) {
  * One token from logits (V): temperature 0 = argmax (lowest id on ties); otherwise (logits - max) / temperature
  * (<= 0: a tiny temperature gives -Infinity, never Infinity - Infinity), keep the topK largest (0 = all),
  * softmax, keep the smallest most probable set with mass >= topP, renormalize; u (uniform in [0, 1)) picks
- * the number of ids whose cumulative probability is below u.
+ * the number of ids whose cumulative probability is <= u (at most the last id with a nonzero probability).
  */
 export function sampleToken(logits, u, { temperature = 1, topK = 0, topP = 1 } = {}) {
   checkSampling({ temperature, topK, topP });
@@ -756,9 +760,10 @@ export function sampleToken(logits, u, { temperature = 1, topK = 0, topP = 1 } =
     for (let i = 0; i < V; i++) if (!keep[i]) p[i] = 0;
     normalize(p);
   }
-  let below = 0, cum = 0;
-  for (let i = 0; i < V; i++) { cum += p[i]; if (cum < u) below++; }
-  return Math.min(below, V - 1);
+  // the number of ids whose cumulative probability is <= u, at most the last id with p > 0 (runtime/sampling.py)
+  let below = 0, cum = 0, last = 0;
+  for (let i = 0; i < V; i++) { cum += p[i]; if (cum <= u) below++; if (p[i] > 0) last = i; }
+  return Math.min(below, last);
 }
 
 function normalize(p) {

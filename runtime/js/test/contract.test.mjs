@@ -177,9 +177,10 @@ test('the CLI prints the greedy text; bad options exit 2 with one line, bad expo
   for (const [args, code, pattern] of [
     [[exportDir, '--top-p', '2'], 2, /^error: --top-p must be in \(0, 1\]/],
     [[exportDir, '--temperature', 'hot'], 2, /^error: --temperature must be a number, got 'hot'/],
-    [[exportDir, '--frobnicate'], 2, /^error: Unknown option '--frobnicate'/],
-    [[], 2, /^error: give one EXPORT_DIR/],
-    [[join(tmpdir(), 'no-such-export-folder')], 1, /^error: export folder .* does not exist/],
+    [[exportDir, '--frobnicate'], 2, /^error: No such option '--frobnicate'/],
+    [[], 2, /^error: Missing argument 'EXPORT_DIR'/],
+    [[join(tmpdir(), 'no-such-export-folder')], 2, /^error: Invalid value for 'EXPORT_DIR': Directory .* does not exist/],
+    [[exportDir, '--seed', '-1'], 2, /^error: --seed must be an integer >= 0, got -1/],
   ]) {
     const e = cli(...args);
     assert.equal(e.status, code, e.stderr);
