@@ -345,8 +345,11 @@ def score(export_dir, files, steps, provider, threads, as_json):
     for f in files:
         name = "standard input" if f == "-" else f
         with click.open_file(f, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a pipe's size is unknown: no bar
+            try:
+                st = os.fstat(fh.fileno())
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a pipe's size is unknown: no bar
+            except (OSError, ValueError):  # a stream without a file descriptor
+                size = 0
             seen = [0]
 
             def chunks(fh=fh, seen=seen):
