@@ -80,8 +80,8 @@ def describe(e: BaseException, command: str | None) -> str:
     if isinstance(e, KeyError):
         return f"missing entry {e}"
     text = str(e) or type(e).__name__
-    known = ("CheckpointError", "ModelError", "ExportError", "DataError", "ValueError", "FileExistsError")
-    return text if type(e).__name__ in known else f"{text} ({type(e).__name__})"
+    # the package's own errors name what is wrong; only an unexpected one keeps its class (for a report)
+    return text if isinstance(e, FAILURES) and str(e) else f"{text} ({type(e).__name__})"
 
 
 class OptionError(click.BadParameter):

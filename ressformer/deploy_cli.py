@@ -601,5 +601,5 @@ def _session(export_dir, **kw):
     try:
         return ReSSFormerSession(export_dir, **kw)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # ModelError is a ValueError
-        detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        detail = str(e) if isinstance(e, (ValueError, TypeError)) else f"missing or malformed entry {e}"
         raise click.ClickException(f"cannot load the export {export_dir}: {detail}") from e

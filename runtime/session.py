@@ -467,8 +467,11 @@ class ReSSFormerSession:
         if isinstance(o["stop"], (str, bytes)) or not isinstance(o["stop"], (list, tuple)) \
                 or not all(isinstance(s, (str, bytes)) for s in o["stop"]):
             raise ValueError(f"stop must be a list of strings or bytes, got {o['stop']!r}")
-        o["stop"] = [s if isinstance(s, bytes) else self.tokenizer.encode(s, "stop").tobytes() for s in o["stop"] if s]
+        o["stop"] = [s if isinstance(s, bytes) else self._utf8(s, "stop") for s in o["stop"] if s]
         return o
+
+    def _utf8(self, text: str, what: str) -> bytes:
+        return self.tokenizer.encode(text, what).astype(np.uint8).tobytes()
 
     def generate_text(self, prompt: str, **kw) -> Iterator[str]:
         """Like `generate`, yielding decoded text as soon as characters complete."""

@@ -461,6 +461,15 @@ def test_generate_batch_answers_any_prompts_with_tokens_or_a_clear_error(sess, p
     assert all(((r >= 0) & (r < 256)).all() for r in rows)
 
 
+def test_a_text_stop_sequence_is_its_utf8_bytes(sess):
+    full = bytes(sess.generate("ab", seed=3, max_new_tokens=40))
+    first_ascii = next(b for b in full if b < 128)
+    ids = list(sess.generate("ab", seed=3, max_new_tokens=40, stop=[chr(first_ascii)]))
+    assert bytes(ids) == full[: full.index(first_ascii) + 1]
+    with pytest.raises(ValueError, match="stop is not valid UTF-8"):
+        list(sess.generate("ab", max_new_tokens=1, stop=["\udcff"]))
+
+
 def test_a_bare_string_is_not_a_list_of_prompts(sess):
     with pytest.raises(TypeError, match="prompts must be a list of prompts .* got a str"):
         list(sess.generate_batch("text", max_new_tokens=1))
@@ -471,6 +480,24 @@ def test_a_prompt_that_is_not_utf8_names_the_prompt(sess, tiny_export):
         list(sess.generate("a\udcff", max_new_tokens=1))
     r = CliRunner().invoke(main, ["generate", str(tiny_export), "--prompt", "a\udcffb"])
     assert r.exit_code == 2 and "error: --prompt is not valid UTF-8 text (byte ff at character 1)" in r.stderr
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError "... (os error 28)": `init` (and `train`, the
+    same save_checkpoint) say it is the disk, name the file and the fix, and leave nothing behind."""
+    from safetensors import SafetensorError
+
+    import ressformer.checkpoint as ck
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["init", "ck"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert "model.safetensors: No space left on device; free some space or write elsewhere" in r.stderr
+    assert "Safetensor" not in r.stderr and list(tmp_path.iterdir()) == []
 
 
 # ---- 7. one message style: the same bad inputs to the Python and the Node CLI --------------------------

@@ -108,6 +108,23 @@ test('bad tokens, states and options are refused with a clear message', async ()
   await assert.rejects(model.score('a'), /need at least 2 bytes/);
 });
 
+test('issue 21: forward keeps only the last logits on request; the generation section is checked; tiny values sample the argmax', async () => {
+  const ids = ref.tokens.slice(0, 75); // crosses two segment ends
+  const all = await model.forward([ids, ids]);
+  const last = await model.forward([ids, ids], null, { logits: 'last' });
+  assert.deepEqual(last.dims, [2, 1, 256]);
+  assert.deepEqual(last.logits.subarray(0, 256), all.logits.subarray(74 * 256, 75 * 256));
+  assert.deepEqual(last.logits.subarray(256), all.logits.subarray(149 * 256, 150 * 256));
+  await assert.rejects(model.forward([ids], null, { logits: 'first' }), /logits must be 'all' or 'last'/);
+  for (const [gen, pattern] of [['null', /generation must be a JSON object .* got null/],
+    ['{"top_p": 0}', /generation\.top_p must be in \(0, 1\]/], ['{"seed": 1}', /generation\.seed is not a generation option/]]) {
+    await refused(editSidecar(/"generation": \{[^}]*\}/, `"generation": ${gen}`), pattern);
+  }
+  const z = Float32Array.from({ length: 256 }, (_, i) => (i === 9 ? 5 : Math.sin(i)));
+  for (const temperature of [5e-324, 1e-300]) assert.equal(sampleToken(z, 0.5, { temperature }), 9);
+  assert.equal(sampleToken(z, 0, { temperature: 1, topP: 5e-324 }), 9, 'u = 0 never picks a token of probability 0');
+});
+
 test('a state is not modified by forward; pieces, whole and token by token agree', async () => {
   const ids = ref.tokens.slice(0, 40);
   const a = await model.forward([ids.slice(0, 10)]);
