@@ -318,7 +318,12 @@ class ReSSFormerSession:
         if state is None:
             state = self.init_state(B, steps, path)
         self._check_state(state, B, steps, path)
-        run = self._piece_unrolled if path == "unrolled" else self._piece_steps
+        return self._advance(tokens, state, diagnostics, keep_all)
+
+    def _advance(self, tokens: np.ndarray, state: RuntimeState, diagnostics=None, keep_all: bool = True):
+        """forward after its checks: checked int64 tokens (B, T), a state this session made."""
+        T = tokens.shape[1]
+        run = self._piece_unrolled if state.path == "unrolled" else self._piece_steps
         out, i = [], 0
         while i < T:
             n = min(T - i, self.segment_len - state.pos % self.segment_len)
@@ -444,7 +449,7 @@ class ReSSFormerSession:
             for n, rows in groups.items():
                 if done[rows].all():
                     continue
-                lg, states[n] = self.forward(nxt[rows, None], states[n], logits="last")
+                lg, states[n] = self._advance(nxt[rows, None], states[n], keep_all=False)  # states made here
                 logits[rows] = lg[:, -1]
 
     def _prompt_ids(self, prompt) -> np.ndarray:
