@@ -505,6 +505,8 @@ def _exports(tiny_export, root: Path) -> dict:
     meta = json.loads((tiny_export / "ressformer.json").read_text())
     d = {"ex": tiny_export, "missing": root / "nope", "file": root / "a file.txt"}
     d["file"].write_text("not a folder")
+    d["empty"] = root / "empty folder"
+    d["empty"].mkdir()
     d["gen_null"] = _with_sidecar(tiny_export, root / "gen-null", generation=None)
     d["gen_temp"] = _with_sidecar(tiny_export, root / "gen-temp", generation={"temperature": -1})
     d["gen_key"] = _with_sidecar(tiny_export, root / "gen-key", generation={"top-p": 0.5})
@@ -532,6 +534,7 @@ CROSS = [
     ("threads-0", "ex", ["--threads", "0"], 2, None), ("unknown-option", "ex", ["--frobnicate"], 2, None),
     ("extra-arg", "ex", ["more"], 2, None), ("no-export", None, [], 2, None),
     ("missing-folder", "missing", [], 2, None), ("file-as-folder", "file", [], 2, None),
+    ("not-an-export", "empty", [], 1, "has no ressformer.json: not a ressformer export folder (make one with"),
     ("gen-null", "gen_null", [], 1, "ressformer.json: generation must be a JSON object"),
     ("gen-temp", "gen_temp", [], 1, "ressformer.json: generation.temperature must be a finite number >= 0"),
     ("gen-key", "gen_key", [], 1, "ressformer.json: generation.top-p is not a generation option"),

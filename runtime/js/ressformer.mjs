@@ -123,7 +123,7 @@ async function folder(source) {
       path: (name) => path.join(dir, name),
       bytes: read,
       text: async (name) => new TextDecoder().decode(
-        await read(name, `${dir} has no ${name}: not a ressformer export folder`)),
+        await read(name, `${dir} has no ${name}: not a ressformer export folder (make one with \`ressformer export CHECKPOINT --out FOLDER\`)`)),
     };
   }
   const baseUrl = new URL(source.endsWith('/') ? source : `${source}/`, globalThis.location?.href);
@@ -139,7 +139,7 @@ async function folder(source) {
     where: (name) => new URL(name, baseUrl).href,
     path: (name) => { throw new ModelError(`${name} keeps its weights in external data, loaded in Node only`); },
     bytes: async (name, missing) => new Uint8Array(await (await get(name, missing)).arrayBuffer()),
-    text: async (name) => (await get(name, `${baseUrl.href} has no ${name}: not a ressformer export folder`)).text(),
+    text: async (name) => (await get(name, `${baseUrl.href} has no ${name}: not a ressformer export folder (make one with \`ressformer export CHECKPOINT --out FOLDER\`)`)).text(),
   };
 }
 
@@ -169,9 +169,11 @@ export async function recoverFolder(dir) {
 /** Parse and check the sidecar: format, op-set version, required fields, model_sha256. */
 export async function checkSidecar(text, where = SIDECAR) {
   let meta;
-  try { meta = JSON.parse(text); } catch (e) { throw new ModelError(`${where} is corrupted: ${e.message}`); }
+  try { meta = JSON.parse(text); } catch (e) {
+    throw new ModelError(`${where} is corrupted: ${e.message}; re-export the checkpoint`);
+  }
   if (meta === null || typeof meta !== 'object' || Array.isArray(meta)) {
-    throw new ModelError(`${where} is not a ressformer sidecar (a JSON object is expected)`);
+    throw new ModelError(`${where} is not a ressformer sidecar (a JSON object is expected); re-export the checkpoint`);
   }
   if (meta.format !== FORMAT || !KNOWN_FORMAT_VERSIONS.includes(meta.format_version)) {
     throw new ModelError(`${where}: unknown export format ${JSON.stringify(meta.format)} version ` +
@@ -184,20 +186,21 @@ export async function checkSidecar(text, where = SIDECAR) {
       `this runtime knows versions [${KNOWN_RESSFORMER_OPSETS}]`);
   }
   for (const key of ['config', 'graphs', 'steps', 'tokenizer', 'checkpoint_sha256', 'unrolled', 'model_sha256']) {
-    if (!(key in meta)) throw new ModelError(`${where} has no '${key}' entry`);
+    if (!(key in meta)) throw new ModelError(`${where} has no '${key}' entry; re-export the checkpoint`);
   }
   if (await sha256Hex([new TextEncoder().encode(canonicalModelJson(text))]) !== meta.model_sha256) {
     throw new ModelError(`${where} was edited: its model fields no longer match model_sha256 (only the ` +
       "'generation' defaults may be edited); re-export the checkpoint");
   }
-  const missing = ['init', ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
-    .filter((n) => !(n in meta.graphs));
-  if (missing.length) throw new ModelError(`${where} names no graph for [${missing}]`);
   for (const key of ['config', 'graphs', 'unrolled', 'tokenizer']) {
     if (meta[key] === null || typeof meta[key] !== 'object' || Array.isArray(meta[key])) {
       throw new ModelError(`${where}: ${key} must be a JSON object; re-export the checkpoint`);
     }
   }
+  // the same graphs as runtime/sidecar.py requires (only those of the path in use are loaded)
+  const missing = ['init', 'embed', 'step', 'head', 'memory', ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
+    .filter((n) => !(n in meta.graphs));
+  if (missing.length) throw new ModelError(`${where} names no graph for [${missing}]; re-export the checkpoint`);
   if (meta.tokenizer.type !== 'bytes') {
     throw new ModelError(`${where}: tokenizer.type ${JSON.stringify(meta.tokenizer.type)} is unknown; this runtime knows ['bytes']`);
   }
