@@ -420,6 +420,22 @@ def test_a_hand_edited_state_is_refused_naming_the_field(sess):
         assert name
 
 
+def test_states_held_as_ortvalues_are_validated_too(sess):
+    """On CUDA a state's tensors are OrtValues: the same checks read their dtype and shape (here on CPU)."""
+    import onnxruntime as ort
+
+    x = np.arange(40)[None] % 256
+    _, s = sess.forward(x)
+    fields = ("conv", "memory", "mem_k", "mem_v", "cache_k", "cache_v", "past_k", "past_v")
+    held = replace(s, **{f: ort.OrtValue.ortvalue_from_numpy(getattr(s, f)) for f in fields})
+    np.testing.assert_array_equal(sess.forward(np.array([[5]]), held)[0], sess.forward(np.array([[5]]), s)[0])
+    bad = replace(held, conv=ort.OrtValue.ortvalue_from_numpy(s.conv.astype(np.float64)))
+    with pytest.raises(TypeError, match="state.conv must be float32"):
+        sess.forward(np.array([[5]]), bad)
+    with pytest.raises(ValueError, match="state.memory must have shape"):
+        sess.forward(np.array([[5]]), replace(held, memory=ort.OrtValue.ortvalue_from_numpy(s.memory[:, :1].copy())))
+
+
 @HYP
 @given(pos=st.integers(-5, 200), valid=st.sampled_from([0, 8, 16, -1]))
 def test_any_edited_position_is_accepted_only_if_consistent(sess, pos, valid):
