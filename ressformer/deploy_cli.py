@@ -260,18 +260,31 @@ class Chat:
         self.state = None  # RuntimeState after the first turn; state.pos: tokens of the conversation
         self.turns, self.at_line_start = 0, True
 
-    def reply(self, line: str | bytes):
-        """Feed `line` (text, or its UTF-8 bytes) as the user's turn; yield the reply's text as
-        characters complete. The tokenizer is byte-level: token ids are the line's bytes."""
+    class BadLine(ValueError):
+        """The user's line is not UTF-8 text; the conversation is as it was before it."""
+
+    def reply(self, line):
+        """Feed `line` as the user's turn; yield the reply's text as characters complete. line: text,
+        its UTF-8 bytes, or an iterable of pieces of them (a long line need not be held whole). The
+        tokenizer is byte-level: token ids are the line's bytes. A line that is not UTF-8 raises
+        Chat.BadLine and leaves the conversation unchanged (states are values: the old one is kept)."""
         from ressformer.runtime.sampling import penalize, sample
 
-        sess = self.sess
-        data = line if isinstance(line, bytes) else sess.tokenizer.encode(line, "the line").astype(np.uint8).tobytes()
-        data = (b"" if self.at_line_start else b"\n") + data + b"\n"
-        for i in range(0, len(data), self.PIECE):  # (1, n) int64 at a time; logits (1, 1, V)
-            ids = np.frombuffer(data, np.uint8, min(self.PIECE, len(data) - i), i).astype(np.int64)[None]
-            logits, self.state = sess.forward(ids, self.state, steps=self.steps, logits="last")
-        last, seen = logits[0, -1], set(data)
+        sess, before = self.sess, self.state
+        if isinstance(line, str):
+            line = sess.tokenizer.encode(line, "the line").astype(np.uint8).tobytes()
+        if isinstance(line, bytes):
+            line = [line[i:i + self.PIECE] for i in range(0, len(line), self.PIECE)]
+        seen = set()
+        try:
+            for data in self._checked(line):  # (1, n) int64 at a time; logits (1, 1, V)
+                ids = np.frombuffer(data, np.uint8).astype(np.int64)[None]
+                logits, self.state = sess.forward(ids, self.state, steps=self.steps, logits="last")
+                seen |= set(data)
+        except Chat.BadLine:
+            self.state = before
+            raise
+        last = logits[0, -1]
         dec, tail, longest = sess.tokenizer.stream_decoder(), b"", max(map(len, self.stop), default=1)
         for _ in range(self.max_new_tokens):
             z = last[None].astype(np.float64)
@@ -290,6 +303,29 @@ class Chat:
         self.turns += 1
         self.at_line_start = tail.endswith(b"\n") or not tail
 
+    def _checked(self, pieces):
+        """The turn's bytes: a newline if the reply ended mid-line, the pieces checked as UTF-8 as
+        they come, a newline."""
+        import codecs
+
+        dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        if not self.at_line_start:
+            yield b"\n"
+        for data in pieces:
+            try:
+                dec.decode(data)
+            except UnicodeDecodeError as e:  # e.object: the bytes held back from the last piece, then data
+                at = offset - (len(e.object) - len(data)) + e.start + 1
+                raise Chat.BadLine(f"not valid UTF-8 text (byte {e.object[e.start]:02x} at byte {at})") from None
+            offset += len(data)
+            if data:
+                yield data
+        try:
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise Chat.BadLine("not valid UTF-8 text (it ends inside a character)") from None
+        yield b"\n"
+
     def state_bytes(self) -> int:
         """Bytes held by the recurrent state (bounded: it does not grow with the conversation)."""
         s = self.state
@@ -307,27 +343,40 @@ def _chat_loop(sess, kw: dict) -> None:
     while True:
         if tty:
             click.echo("> ", nl=False, err=True)
-        raw = stdin.readline()
+        head = stdin.readline(Chat.PIECE)  # a line is read in pieces: a long one is never held whole
         n += 1
-        if not raw or raw.strip() == b"/quit":
+        if not head or head.strip() == b"/quit":
             break
-        raw = raw.rstrip(b"\r\n")
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            click.echo(f"error: line {n} is not valid UTF-8 text (byte {raw[e.start]:02x} at byte {e.start + 1}); "
-                       "it was skipped, the conversation goes on: type it again as UTF-8", err=True)
+        if head.endswith(b"\n") and not head.strip():
             continue
-        if not raw.strip():
-            continue
+        pieces = _line_pieces(stdin, head)
         text = ""
-        for text in chat_.reply(raw):
-            click.echo(text, nl=False)
-            sys.stdout.flush()
+        try:
+            for text in chat_.reply(pieces):
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+        except Chat.BadLine as e:
+            for _ in pieces:  # the rest of the line
+                pass
+            click.echo(f"error: line {n} is {e}; it was skipped, the conversation goes on: type it again as UTF-8",
+                       err=True)
+            continue
         if not text.endswith("\n"):
             click.echo()
     say(f"chat ended: {chat_.turns} turns, {chat_.state.pos if chat_.state else 0} tokens of conversation "
         f"held in a {chat_.state_bytes() / 1024:.1f} KiB state")
+
+
+def _line_pieces(stdin, head: bytes):
+    """The pieces of one line of `stdin` whose first piece is `head`, without its line end."""
+    piece = head
+    while not piece.endswith(b"\n"):
+        more = stdin.readline(Chat.PIECE)
+        if not more:
+            break
+        yield piece
+        piece = more
+    yield piece.rstrip(b"\r\n")
 
 
 @click.command()

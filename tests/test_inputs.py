@@ -308,6 +308,17 @@ def test_a_bad_line_gets_a_message_and_the_chat_goes_on(tiny_export):
     assert "chat ended: 2 turns" in r.stdout
 
 
+def test_a_long_bad_line_is_refused_at_its_byte_and_leaves_the_conversation_as_it_was(tiny_export):
+    """The line is read and fed in pieces; a bad byte 40,001 bytes in (past two pieces already fed)
+    puts the state back: the chat goes on exactly as if the line had not been typed."""
+    args = ["chat", str(tiny_export), "--max-new-tokens", "6", "--temperature", "0"]
+    bad = CliRunner().invoke(main, args, input=b"hello\n" + b"a" * 40000 + b"\xff\n" + b"world\n")
+    good = CliRunner().invoke(main, args, input=b"hello\nworld\n")
+    assert bad.exit_code == good.exit_code == 0
+    assert "error: line 2 is not valid UTF-8 text (byte ff at byte 40001)" in bad.stderr
+    assert bad.stdout == good.stdout
+
+
 def test_forward_can_keep_only_the_last_logits(sess):
     x = np.random.default_rng(1).integers(0, 256, (2, 75))  # crosses two segment ends
     for path in ("unrolled", "steps"):
@@ -335,8 +346,9 @@ def test_a_long_chat_line_is_fed_in_pieces_and_replies_as_generate_does(sess, mo
     monkeypatch.setattr(sess, "forward", spy)
     reply = "".join(chat.reply(line))
     monkeypatch.undo()
-    feed = [c for c in calls if c[0] > 1]
-    assert sum(n for n, _ in feed) == len(line) + 1 and all(n <= Chat.PIECE and k == "last" for n, k in feed)
+    feed = [c for c in calls if c[1] == "last"]  # the line (and its newline); the reply feeds T = 1 tokens
+    assert sum(n for n, _ in feed) == len(line) + 1 and all(n <= Chat.PIECE for n, _ in feed)
+    assert all(n == 1 for n, _ in calls[len(feed):])
     assert reply == "".join(sess.generate_text(line + "\n", max_new_tokens=12, temperature=0))
 
 
