@@ -84,8 +84,8 @@ def w(tiny_checkpoint, tiny_export, tmp_path_factory):
     # issue 21: the editable `generation` section, null and out of its rules
     d.ex_gen_null = _copy(d.ex, root / "ex-gen-null")
     (d.ex_gen_null / "ressformer.json").write_text(json.dumps({**meta, "generation": None}))
-    d.ex_gen_tiny = _copy(d.ex, root / "ex-gen-bad")
-    (d.ex_gen_tiny / "ressformer.json").write_text(json.dumps({**meta, "generation": {"top_p": 1.5}}))
+    d.ex_gen_bad = _copy(d.ex, root / "ex-gen-bad")
+    (d.ex_gen_bad / "ressformer.json").write_text(json.dumps({**meta, "generation": {"top_p": 1.5}}))
     return d
 
 
@@ -216,9 +216,9 @@ CLI = [
     ("generate-generation-null", lambda w: ["generate", S(w.ex_gen_null)], 1,
      "ressformer.json: generation must be a JSON object"),
     ("chat-generation-null", lambda w: ["chat", S(w.ex_gen_null)], 1, "ressformer.json: generation must be"),
-    ("chat-generation-top-p", lambda w: ["chat", S(w.ex_gen_tiny)], 1,
+    ("chat-generation-top-p", lambda w: ["chat", S(w.ex_gen_bad)], 1,
      "ressformer.json: generation.top_p must be in (0, 1]"),
-    ("score-generation-top-p", lambda w: ["score", S(w.ex_gen_tiny), S(w.text)], 1, "generation.top_p"),
+    ("score-generation-top-p", lambda w: ["score", S(w.ex_gen_bad), S(w.text)], 1, "generation.top_p"),
     ("generate-seed-neg", lambda w: ["generate", S(w.ex), "--seed", "-1"], 2, "--seed must be an integer >= 0"),
     ("generate-prompt-not-utf8", lambda w: ["generate", S(w.ex), "--prompt", "a\udcff"], 2,
      "--prompt is not valid UTF-8 text (byte ff at character 1)"),
