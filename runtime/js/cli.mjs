@@ -62,7 +62,7 @@ const number = (flag, text, integer) => {
   }
   return v;
 };
-const { SAMPLING_RULES, ruleError } = await import('./ressformer.mjs');
+const { SAMPLING_RULES, recoverFolder, ruleError } = await import('./ressformer.mjs');
 const gen = {};
 for (const [flag, name] of Object.entries(NUMBERS)) {
   if (values[flag] === undefined) continue;
@@ -81,7 +81,6 @@ const positive = (flag) => {
 };
 const steps = positive('steps'), threads = positive('threads');
 { // EXPORT_DIR: an existing folder (after undoing an interrupted replacement), a usage error otherwise
-  const { recoverFolder } = await import('./ressformer.mjs');
   const { stat } = await import('node:fs/promises');
   const dir = positionals[0];
   await recoverFolder(dir);
