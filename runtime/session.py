@@ -17,7 +17,6 @@ several threads at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import threading
@@ -28,13 +27,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .sampling import check_sampling, penalize, sample
+from .sampling import check_option, penalize, sample
+from .sidecar import (  # noqa: F401 (re-exported)
+    FORMAT,
+    GENERATION_FALLBACK,
+    KNOWN_FORMAT_VERSIONS,
+    KNOWN_RESSFORMER_OPSETS,
+    SIDECAR,
+    STEP_GRAPHS,
+    ModelError,
+    read_sidecar,
+)
+from .sidecar import model_hash as _model_hash  # noqa: F401 (the exporter's docstring names it)
 from .tokenizer import make_tokenizer
 
-SIDECAR = "ressformer.json"
-FORMAT = "ressformer-export"
-KNOWN_FORMAT_VERSIONS = (2,)
-KNOWN_RESSFORMER_OPSETS = (1,)
 DOMAIN = "ressformer"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PATHS = ("unrolled", "steps")
@@ -43,15 +49,10 @@ PATHS = ("unrolled", "steps")
 # prompt's length (base, int4, 2,048-token prompt: peak RSS 975 MB in 1,024-token pieces, 353 MB in
 # 128-token pieces, prefill time +9%; docs/performance.md). The logits do not depend on the cut.
 MAX_PIECE = 128
-STEP_GRAPHS = ("embed", "step", "head", "memory")  # the steps path (any K); optional (export --step-graphs)
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
-class ModelError(ValueError):
-    """The export folder is missing, corrupted, or of a version this runtime does not know."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class ReSSFormerSession:
         if max_piece is not None and (isinstance(max_piece, bool) or not isinstance(max_piece, int) or max_piece < 1):
             raise ValueError(f"max_piece must be a positive integer or None, got {max_piece!r}")
         self.max_piece = max_piece or self.segment_len
-        self.generation = {**GENERATION_FALLBACK, **self.meta.get("generation", {})}
+        self.generation = self.meta["generation"]  # checked, over GENERATION_FALLBACK (runtime/sidecar.py)
         self.tokenizer = make_tokenizer(self.meta["tokenizer"])
         self.fingerprint = self.meta["checkpoint_sha256"][:16]
         if provider not in PROVIDERS:
@@ -206,38 +207,7 @@ class ReSSFormerSession:
 
     # ---- loading and checks -----------------------------------------------------------------
     def _read_sidecar(self) -> dict:
-        if not self.dir.is_dir():
-            raise ModelError(f"export folder {self.dir} does not exist or is not a folder")
-        path = self.dir / SIDECAR
-        if not path.is_file():
-            raise ModelError(f"{self.dir} has no {SIDECAR}: not a ressformer export folder")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{path} is corrupted: {e}") from e
-        if not isinstance(meta, dict):
-            raise ModelError(f"{path} is not a ressformer sidecar (a JSON object is expected)")
-        if meta.get("format") != FORMAT or meta.get("format_version") not in KNOWN_FORMAT_VERSIONS:
-            raise ModelError(f"{path}: unknown export format {meta.get('format')!r} version "
-                             f"{meta.get('format_version')!r}; this runtime reads {FORMAT} {KNOWN_FORMAT_VERSIONS} "
-                             "(re-export the checkpoint with this version)")
-        ops = meta.get("ressformer_opset", {})
-        if not isinstance(ops, dict) or ops.get("version") not in KNOWN_RESSFORMER_OPSETS:
-            raise ModelError(f"{path}: unknown ressformer op-set version "
-                             f"{ops.get('version') if isinstance(ops, dict) else ops!r}; this runtime knows versions "
-                             f"{KNOWN_RESSFORMER_OPSETS}")
-        for key in ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256", "unrolled", "model_sha256"):
-            if key not in meta:
-                raise ModelError(f"{path} has no {key!r} entry")
-        if _model_hash(meta) != meta["model_sha256"]:
-            raise ModelError(f"{path} was edited: its model fields no longer match model_sha256 (only the "
-                             "'generation' defaults may be edited); re-export the checkpoint")
-        steps = set(STEP_GRAPHS) & set(meta["graphs"])
-        missing = {"init"} - set(meta["graphs"]) | (set(STEP_GRAPHS) - steps if steps else set())
-        missing |= {n for names in meta["unrolled"].values() for n in names.values()} - set(meta["graphs"])
-        if missing:
-            raise ModelError(f"{path} names no graph for {sorted(missing)}")
-        return meta
+        return read_sidecar(self.dir)  # every check of ressformer.json, shared with the CLI (runtime/sidecar.py)
 
     def _check_graph_file(self, name: str, path: Path, g: dict, verify: bool):
         if not path.is_file():
@@ -315,6 +285,43 @@ class ReSSFormerSession:
         if state.path != path:
             raise ValueError(f"state was built for the {state.path} path, asked to run the {path} path")
 
+    def _validate_state(self, s: RuntimeState):
+        """A state edited by hand is refused here, naming the field, before ONNX Runtime sees it:
+        positions, shapes, dtypes, and finiteness of the small tensors (conv, memory, mem_k/v)."""
+        if s.owner != self.fingerprint:
+            raise ValueError("state belongs to another model (checkpoint hash differs)")
+        arrays = ("conv", "memory", "cache_k", "cache_v", "past_k", "past_v")
+        for name in arrays + (("mem_k", "mem_v") if s.path == "unrolled" else ()):
+            v = getattr(s, name)
+            if not isinstance(v, (np.ndarray, ort.OrtValue)):
+                raise TypeError(f"state.{name} must be a float32 array, got {type(v).__name__}")
+            dtype = v.dtype if isinstance(v, np.ndarray) else v.data_type()
+            if dtype not in (np.float32, "tensor(float)"):
+                raise TypeError(f"state.{name} must be float32, got {dtype}")
+        B, S, H, D, L, C = s.batch, s.steps, self.n_heads, self.head_dim, self.segment_len, self.cache_len
+        for name in ("pos", "cache_valid", "batch"):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"state.{name} must be an integer >= 0, got {v!r}")
+        if s.cache_valid != (C if s.pos >= L else 0):
+            raise ValueError(f"state.cache_valid must be {C if s.pos >= L else 0} at pos {s.pos}, got {s.cache_valid}")
+        unrolled = s.path == "unrolled"
+        want = {"conv": (B, self.conv_width, self.d_model), "memory": (B, self.mem_slots, self.d_model),
+                "mem_k": (B, H, self.mem_slots, D) if unrolled else None,
+                "mem_v": (B, H, self.mem_slots, D) if unrolled else None,
+                "cache_k": (S, B, H, C, D), "cache_v": (S, B, H, C, D),
+                "past_k": (S, B, H, s.pos % L, D), "past_v": (S, B, H, s.pos % L, D)}
+        for name, shape in want.items():
+            v = getattr(s, name)
+            if shape is None:
+                if v is not None:
+                    raise ValueError(f"state.{name} must be None on the steps path")
+                continue
+            if _shape(v) != shape:
+                raise ValueError(f"state.{name} must have shape {shape} at pos {s.pos}, got {_shape(v)}")
+            if name in ("conv", "memory", "mem_k", "mem_v") and isinstance(v, np.ndarray) and not np.isfinite(v).all():
+                raise ValueError(f"state.{name} holds NaN or infinite values; start again from init_state")
+
     # ---- state ------------------------------------------------------------------------------
     def init_state(self, batch: int = 1, steps: int | None = None, path: str | None = None) -> RuntimeState:
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
@@ -338,26 +345,37 @@ class ReSSFormerSession:
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, tokens, state: RuntimeState | None = None, steps: int | None = None,
-                path: str | None = None, diagnostics: list | None = None):
+                path: str | None = None, diagnostics: list | None = None, logits: str = "all"):
         """tokens (B, T) -> (logits (B, T, V) float32, state). Any T: pieces are cut at segment
         boundaries and the memory is updated at each segment's end. steps/path default to the
         state's (or the session's). diagnostics: a list that receives, per piece and step, the
-        selected keys/weights and experts (the parity ladder's flip accounting)."""
+        selected keys/weights and experts (the parity ladder's flip accounting). logits="last":
+        only the last position's, (B, 1, V): memory bounded by one segment whatever T (prefill)."""
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        keep_all = logits == "all"
         tokens = self.check_tokens(tokens)
         B, T = tokens.shape
         if state is not None and not isinstance(state, RuntimeState):
             raise TypeError(f"state must be a RuntimeState (from init_state or forward), got {type(state).__name__}")
+        if state is not None:
+            self._validate_state(state)
         steps = self._check_steps(steps if steps is not None else state.steps if state is not None else self.steps)
         path = self.path_for(steps, path if path is not None else state.path if state is not None else None)
         if state is None:
             state = self.init_state(B, steps, path)
         self._check_state(state, B, steps, path)
-        run = self._piece_unrolled if path == "unrolled" else self._piece_steps
+        return self._advance(tokens, state, diagnostics, keep_all)
+
+    def _advance(self, tokens: np.ndarray, state: RuntimeState, diagnostics=None, keep_all: bool = True):
+        """forward after its checks: checked int64 tokens (B, T), a state this session made."""
+        T = tokens.shape[1]
+        run = self._piece_unrolled if state.path == "unrolled" else self._piece_steps
         out, i = [], 0
         while i < T:
             n = min(T - i, self.segment_len - state.pos % self.segment_len, self.max_piece)
-            logits, state = run(tokens[:, i:i + n], state, diagnostics)
-            out.append(_host(logits))
+            lg, state = run(tokens[:, i:i + n], state, diagnostics)
+            out = [*out, _host(lg)] if keep_all else [_host(lg)[:, -1:]]  # (B, n, V) or (B, 1, V)
             i += n
         return (out[0] if len(out) == 1 else np.concatenate(out, 1)), state
 
@@ -439,6 +457,10 @@ class ReSSFormerSession:
         -1 from then on. Each prompt is prefilled on its own (the recurrent state has no padding),
         then all rows decode together in one batch."""
         o = self._generation_options(max_new_tokens, temperature, top_k, top_p, stop, repetition_penalty)
+        check_option("seed", seed)
+        if isinstance(prompts, (str, bytes, np.ndarray)):
+            raise TypeError(f"prompts must be a list of prompts (strings or token id sequences), got a "
+                            f"{type(prompts).__name__}; for one prompt use generate(prompt) or [prompt]")
         ids = [self._prompt_ids(p) for p in prompts]
         if not ids:
             raise ValueError("prompts is empty: give at least one prompt")
@@ -452,7 +474,7 @@ class ReSSFormerSession:
         logits = np.zeros((B, self.vocab_size), np.float32)
         states = {}
         for n, rows in groups.items():
-            lg, states[n] = self.forward(np.stack([ids[b] for b in rows]), steps=steps, path=path)
+            lg, states[n] = self.forward(np.stack([ids[b] for b in rows]), steps=steps, path=path, logits="last")
             logits[rows] = lg[:, -1]
         seen = [set(x.tolist()) for x in ids]
         tails, done = [b""] * B, np.zeros(B, bool)
@@ -474,11 +496,13 @@ class ReSSFormerSession:
             for n, rows in groups.items():
                 if done[rows].all():
                     continue
-                lg, states[n] = self.forward(nxt[rows, None], states[n])
+                lg, states[n] = self._advance(nxt[rows, None], states[n], keep_all=False)  # states made here
                 logits[rows] = lg[:, -1]
 
     def _prompt_ids(self, prompt) -> np.ndarray:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt)
+        if isinstance(prompt, (bytes, bytearray)):
+            prompt = np.frombuffer(bytes(prompt), np.uint8)
+        ids = self.tokenizer.encode(prompt, "prompt") if isinstance(prompt, str) else np.asarray(prompt)
         if ids.ndim != 1:
             raise ValueError(f"prompt must be a string or a 1-D sequence of token ids, got shape {ids.shape}")
         if ids.size == 0:
@@ -486,23 +510,20 @@ class ReSSFormerSession:
         return self.check_tokens(ids[None])[0]
 
     def _generation_options(self, max_new_tokens, temperature, top_k, top_p, stop, repetition_penalty) -> dict:
-        g = self.generation
-        o = {"max_new_tokens": g["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
-             "temperature": g["temperature"] if temperature is None else temperature,
-             "top_k": g["top_k"] if top_k is None else top_k, "top_p": g["top_p"] if top_p is None else top_p,
-             "repetition_penalty": g["repetition_penalty"] if repetition_penalty is None else repetition_penalty,
-             "stop": g["stop"] if stop is None else stop}
-        check_sampling(o["temperature"], o["top_k"], o["top_p"])
-        n = o["max_new_tokens"]
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
-        rp = o["repetition_penalty"]
-        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
-        if isinstance(o["stop"], (str, bytes)) or not all(isinstance(s, (str, bytes)) for s in o["stop"]):
+        """The call's options over the export's defaults, each checked by its rule (runtime/sampling.py)."""
+        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "repetition_penalty": repetition_penalty, "stop": stop}
+        o = {k: self.generation[k] if v is None else v for k, v in given.items()}
+        for name in ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty"):
+            check_option(name, o[name])
+        if isinstance(o["stop"], (str, bytes)) or not isinstance(o["stop"], (list, tuple)) \
+                or not all(isinstance(s, (str, bytes)) for s in o["stop"]):
             raise ValueError(f"stop must be a list of strings or bytes, got {o['stop']!r}")
-        o["stop"] = [s if isinstance(s, bytes) else s.encode("utf-8") for s in o["stop"] if s]
+        o["stop"] = [s if isinstance(s, bytes) else self._utf8(s, "stop") for s in o["stop"] if s]
         return o
+
+    def _utf8(self, text: str, what: str) -> bytes:
+        return self.tokenizer.encode(text, what).astype(np.uint8).tobytes()
 
     def generate_text(self, prompt: str, **kw) -> Iterator[str]:
         """Like `generate`, yielding decoded text as soon as characters complete."""
@@ -548,16 +569,6 @@ class ReSSFormerSession:
             nll -= float(np.take_along_axis(lp[:-1], ids[0, 1:, None], 1).sum())
             count += ids.shape[1] - 1
         return lp[-1], state, nll, count
-
-
-GENERATION_FALLBACK = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64,
-                       "repetition_penalty": 1.0, "stop": []}
-
-
-def _model_hash(meta: dict) -> str:
-    """sha256 of the sidecar's model fields as canonical JSON: the exporter's `model_hash`."""
-    fields = {k: v for k, v in meta.items() if k not in ("model_sha256", "generation")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _per_step(x):

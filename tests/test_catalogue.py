@@ -81,6 +81,11 @@ def w(tiny_checkpoint, tiny_export, tmp_path_factory):
     (d.ex_nofield / "ressformer.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}))
     d.ex_notjson = _copy(d.ex, root / "ex-notjson")
     (d.ex_notjson / "ressformer.json").write_text("{truncated")
+    # issue 21: the editable `generation` section, null and out of its rules
+    d.ex_gen_null = _copy(d.ex, root / "ex-gen-null")
+    (d.ex_gen_null / "ressformer.json").write_text(json.dumps({**meta, "generation": None}))
+    d.ex_gen_bad = _copy(d.ex, root / "ex-gen-bad")
+    (d.ex_gen_bad / "ressformer.json").write_text(json.dumps({**meta, "generation": {"top_p": 1.5}}))
     return d
 
 
@@ -187,13 +192,13 @@ CLI = [
      "is a file"),
     ("parity-export-as-ckpt", lambda w: ["parity", S(w.ex), S(w.ex)], 1, "config.json"),
     # generate
-    ("generate-top-k-300", lambda w: ["generate", S(w.ex), "--top-k", "-300"], 2, "--top-k must be >= 0"),
-    ("generate-top-k-1", lambda w: ["generate", S(w.ex), "--top-k", "-1"], 2, "--top-k must be >= 0"),
+    ("generate-top-k-300", lambda w: ["generate", S(w.ex), "--top-k", "-300"], 2, "--top-k must be an integer >= 0"),
+    ("generate-top-k-1", lambda w: ["generate", S(w.ex), "--top-k", "-1"], 2, "--top-k must be an integer >= 0"),
     ("generate-temp-nan", lambda w: ["generate", S(w.ex), "--temperature", "nan"], 2, "finite"),
     ("generate-temp-inf", lambda w: ["generate", S(w.ex), "--temperature", "inf"], 2, "finite"),
     ("generate-temp-neg", lambda w: ["generate", S(w.ex), "--temperature", "-0.5"], 2, ">= 0"),
-    ("generate-top-p-0", lambda w: ["generate", S(w.ex), "--top-p", "0"], 2, "--top-p must be > 0"),
-    ("generate-top-p-1.5", lambda w: ["generate", S(w.ex), "--top-p", "1.5"], 2, "<= 1"),
+    ("generate-top-p-0", lambda w: ["generate", S(w.ex), "--top-p", "0"], 2, "--top-p must be in (0, 1]"),
+    ("generate-top-p-1.5", lambda w: ["generate", S(w.ex), "--top-p", "1.5"], 2, "--top-p must be in (0, 1]"),
     ("generate-max-new-neg", lambda w: ["generate", S(w.ex), "--max-new-tokens", "-1"], 2, "--max-new-tokens"),
     ("generate-steps-0", lambda w: ["generate", S(w.ex), "--steps", "0"], 2, "--steps must be >= 1"),
     ("generate-stop-empty", lambda w: ["generate", S(w.ex), "--stop", ""], 2, "--stop"),
@@ -201,12 +206,24 @@ CLI = [
     ("generate-rep-penalty", lambda w: ["generate", S(w.ex), "--repetition-penalty", "0"], 2,
      "--repetition-penalty"),
     ("generate-sidecar-list", lambda w: ["generate", S(w.ex_list)], 1, "JSON object"),
-    ("generate-sidecar-nofield", lambda w: ["generate", S(w.ex_nofield)], 1, "lacks config"),
+    ("generate-sidecar-nofield", lambda w: ["generate", S(w.ex_nofield)], 1, "has no 'config' entry"),
     ("generate-sidecar-notjson", lambda w: ["generate", S(w.ex_notjson)], 1, "corrupted"),
     ("generate-missing-graph", lambda w: ["generate", S(w.ex_nograph)], 1, "missing"),
     ("generate-file-as-dir", lambda w: ["generate", S(w.file)], 2, "is a file"),
     ("generate-missing-dir", lambda w: ["generate", S(w.odd / "nope ü")], 2, "does not exist"),
     ("generate-checkpoint", lambda w: ["generate", S(w.ck)], 1, "no ressformer.json"),
+    # issue 21: the sidecar's generation section (every command), option rules, text that is not UTF-8
+    ("generate-generation-null", lambda w: ["generate", S(w.ex_gen_null)], 1,
+     "ressformer.json: generation must be a JSON object"),
+    ("chat-generation-null", lambda w: ["chat", S(w.ex_gen_null)], 1, "ressformer.json: generation must be"),
+    ("chat-generation-top-p", lambda w: ["chat", S(w.ex_gen_bad)], 1,
+     "ressformer.json: generation.top_p must be in (0, 1]"),
+    ("score-generation-top-p", lambda w: ["score", S(w.ex_gen_bad), S(w.text)], 1, "generation.top_p"),
+    ("generate-seed-neg", lambda w: ["generate", S(w.ex), "--seed", "-1"], 2, "--seed must be an integer >= 0"),
+    ("generate-prompt-not-utf8", lambda w: ["generate", S(w.ex), "--prompt", "a\udcff"], 2,
+     "--prompt is not valid UTF-8 text (byte ff at character 1)"),
+    ("generate-stop-not-utf8", lambda w: ["generate", S(w.ex), "--stop", "\udcfe"], 2, "--stop is not valid UTF-8"),
+    ("chat-temp-neg", lambda w: ["chat", S(w.ex), "--temperature", "-1"], 2, "--temperature must be a finite"),
     # score
     ("score-empty-file", lambda w: ["score", S(w.ex), S(w.empty)], 1, "is empty"),
     ("score-folder-as-file", lambda w: ["score", S(w.ex), S(w.folder)], 2, "is a directory"),
@@ -214,6 +231,8 @@ CLI = [
     ("score-no-files", lambda w: ["score", S(w.ex)], 2, "FILES"),
     ("score-sidecar-list", lambda w: ["score", S(w.ex_list), S(w.text)], 1, "JSON object"),
     ("score-steps-neg", lambda w: ["score", S(w.ex), S(w.text), "--steps", "-1"], 2, "--steps"),
+    ("score-stdin-empty", lambda w: ["score", S(w.ex), "-"], 1, "standard input is empty: nothing to score"),
+    ("train-stdin-empty", lambda w: ["train", "-", "--out", S(w.odd / "r")], 2, "data on standard input is empty"),
     # bench
     ("bench-nothing", lambda w: ["bench"], 2, "CHECKPOINT or --preset"),
     ("bench-preset", lambda w: ["bench", "--preset", "huge"], 2, "unknown preset 'huge'"),
@@ -317,6 +336,16 @@ def _api_cases():
             sess["s"] = ReSSFormerSession(w.ex, threads=1)
         return sess["s"]
 
+    def state(w, **fields):
+        from dataclasses import replace
+
+        s = session(w).init_state()
+        return replace(s, **{k: f(s) for k, f in fields.items()})
+
+    nan_state = lambda w: state(w, memory=lambda s: np.full_like(s.memory, np.nan))  # noqa: E731
+    f64_state = lambda w: state(w, conv=lambda s: s.conv.astype(np.float64))  # noqa: E731
+    pos_state = lambda w: state(w, pos=lambda s: 3)  # noqa: E731
+
     def bad_metrics(w):
         p = w.cwd / "m.jsonl"  # made inside the call's scratch folder
         p.write_text('{"step": 1}\n{torn\n{"step": 3}\n')
@@ -363,6 +392,23 @@ def _api_cases():
          ValueError, "temperature"),
         ("generate-steps-0", lambda w: list(session(w).generate("a", max_new_tokens=2, steps=0)),
          ValueError, "steps"),
+        # issue 21
+        ("session-generation-null", lambda w: ReSSFormerSession(w.ex_gen_null), ModelError,
+         "ressformer.json: generation must be a JSON object"),
+        ("generate-seed-neg", lambda w: list(session(w).generate("a", max_new_tokens=1, seed=-1)), ValueError,
+         "seed must be an integer >= 0"),
+        ("generate-prompt-not-utf8", lambda w: list(session(w).generate("\udcff", max_new_tokens=1)), ValueError,
+         "prompt is not valid UTF-8"),
+        ("generate-batch-str", lambda w: list(session(w).generate_batch("text", max_new_tokens=1)), TypeError,
+         "list of prompts"),
+        ("forward-logits-first", lambda w: session(w).forward(np.array([[1]]), logits="first"), ValueError,
+         "logits must be 'all' or 'last'"),
+        ("forward-state-nan", lambda w: session(w).forward(np.array([[1]]), nan_state(w)), ValueError,
+         "state.memory holds NaN"),
+        ("forward-state-float64", lambda w: session(w).forward(np.array([[1]]), f64_state(w)), TypeError,
+         "state.conv must be float32"),
+        ("forward-state-pos", lambda w: session(w).forward(np.array([[1]]), pos_state(w)), ValueError,
+         "state.past_k must have shape"),
         ("train-steps-0", lambda w: train(TrainConfig(steps=0, out=str(w.odd / "r")), **quiet), ValueError,
          "steps must be >= 1"),
         ("train-lr-nan", lambda w: train(TrainConfig(lr=math.nan, out=str(w.odd / "r")), **quiet), ValueError,

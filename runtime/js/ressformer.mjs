@@ -77,7 +77,9 @@ export async function load(source, options = {}) {
     const g = meta.graphs[name];
     if (!g) throw new ModelError(`${files.where(SIDECAR)} names no graph for ['${name}']`);
     const bytes = await files.bytes(g.file, `graph file ${g.file} (${name}) is missing from ${files.where('')}`);
-    const extra = bytes.length < g.bytes ? await files.bytes(`${g.file}.data`, `${g.file}.data is missing`) : null;
+    const extra = bytes.length < g.bytes ? await files.bytes(`${g.file}.data`,
+      `graph file ${g.file} (${name}) is truncated (${bytes.length} of ${g.bytes} bytes, no ${g.file}.data); ` +
+      're-export the checkpoint') : null;
     if (verifyHashes && g.sha256 && await sha256Hex(extra ? [bytes, extra] : [bytes]) !== g.sha256) {
       throw new ModelError(`graph file ${g.file} (${name}) is corrupted: sha256 differs from ${SIDECAR}`);
     }
@@ -111,6 +113,7 @@ async function folder(source) {
     const path = await import('node:path');
     const url = await import('node:url');
     const dir = source.startsWith('file:') ? url.fileURLToPath(source) : source;
+    await recoverFolder(dir);
     const st = await fs.stat(dir).catch(() => null);
     if (!st?.isDirectory()) throw new ModelError(`export folder ${dir} does not exist or is not a folder`);
     const read = async (name, missing) => {
@@ -124,7 +127,7 @@ async function folder(source) {
       path: (name) => path.join(dir, name),
       bytes: read,
       text: async (name) => new TextDecoder().decode(
-        await read(name, `${dir} has no ${name}: not a ressformer export folder`)),
+        await read(name, `${dir} has no ${name}: not a ressformer export folder (make one with \`ressformer export CHECKPOINT --out FOLDER\`)`)),
     };
   }
   const baseUrl = new URL(source.endsWith('/') ? source : `${source}/`, globalThis.location?.href);
@@ -140,16 +143,41 @@ async function folder(source) {
     where: (name) => new URL(name, baseUrl).href,
     path: (name) => { throw new ModelError(`${name} keeps its weights in external data, loaded in Node only`); },
     bytes: async (name, missing) => new Uint8Array(await (await get(name, missing)).arrayBuffer()),
-    text: async (name) => (await get(name, `${baseUrl.href} has no ${name}: not a ressformer export folder`)).text(),
+    text: async (name) => (await get(name, `${baseUrl.href} has no ${name}: not a ressformer export folder (make one with \`ressformer export CHECKPOINT --out FOLDER\`)`)).text(),
   };
+}
+
+/**
+ * Put back the backup an interrupted replacement of `dir` left (Node). Writers (ressformer/fsutil.py,
+ * `replace_dir`) rename NAME to `.NAME.old-PID`, then the new folder to NAME; one killed in between leaves
+ * only the backup. Same rule as fsutil.recover and runtime/sidecar.py recover_folder: only when NAME is
+ * missing, only a backup whose writer is no longer running.
+ */
+export async function recoverFolder(dir) {
+  const fs = await import('node:fs/promises');
+  const path = await import('node:path');
+  const final = path.resolve(dir);
+  if (await fs.lstat(final).then(() => true, () => false)) return;
+  const names = await fs.readdir(path.dirname(final)).catch(() => []);
+  for (const name of names) {
+    const m = /^\.(.+)\.old-(\d+)$/.exec(name);
+    if (!m || m[1] !== path.basename(final)) continue;
+    let alive = Number(m[2]) === process.pid;
+    try { if (!alive) { process.kill(Number(m[2]), 0); alive = true; } } catch (e) { alive = e.code === 'EPERM'; }
+    if (alive) continue;
+    await fs.rename(path.join(path.dirname(final), name), final).catch(() => {}); // another reader may win
+    return;
+  }
 }
 
 /** Parse and check the sidecar: format, op-set version, required fields, model_sha256. */
 export async function checkSidecar(text, where = SIDECAR) {
   let meta;
-  try { meta = JSON.parse(text); } catch (e) { throw new ModelError(`${where} is corrupted: ${e.message}`); }
+  try { meta = JSON.parse(text); } catch (e) {
+    throw new ModelError(`${where} is corrupted: ${e.message}; re-export the checkpoint`);
+  }
   if (meta === null || typeof meta !== 'object' || Array.isArray(meta)) {
-    throw new ModelError(`${where} is not a ressformer sidecar (a JSON object is expected)`);
+    throw new ModelError(`${where} is not a ressformer sidecar (a JSON object is expected); re-export the checkpoint`);
   }
   if (meta.format !== FORMAT || !KNOWN_FORMAT_VERSIONS.includes(meta.format_version)) {
     throw new ModelError(`${where}: unknown export format ${JSON.stringify(meta.format)} version ` +
@@ -162,19 +190,53 @@ export async function checkSidecar(text, where = SIDECAR) {
       `this runtime knows versions [${KNOWN_RESSFORMER_OPSETS}]`);
   }
   for (const key of ['config', 'graphs', 'steps', 'tokenizer', 'checkpoint_sha256', 'unrolled', 'model_sha256']) {
-    if (!(key in meta)) throw new ModelError(`${where} has no '${key}' entry`);
+    if (!(key in meta)) throw new ModelError(`${where} has no '${key}' entry; re-export the checkpoint`);
   }
   if (await sha256Hex([new TextEncoder().encode(canonicalModelJson(text))]) !== meta.model_sha256) {
     throw new ModelError(`${where} was edited: its model fields no longer match model_sha256 (only the ` +
       "'generation' defaults may be edited); re-export the checkpoint");
   }
-  const missing = ['init', ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
-    .filter((n) => !(n in meta.graphs));
-  if (missing.length) throw new ModelError(`${where} names no graph for [${missing}]`);
-  if (meta.tokenizer?.type !== 'bytes') {
-    throw new ModelError(`unknown tokenizer ${JSON.stringify(meta.tokenizer?.type)} in sidecar; known: ['bytes']`);
+  for (const key of ['config', 'graphs', 'unrolled', 'tokenizer']) {
+    if (meta[key] === null || typeof meta[key] !== 'object' || Array.isArray(meta[key])) {
+      throw new ModelError(`${where}: ${key} must be a JSON object; re-export the checkpoint`);
+    }
   }
+  // the same graphs as runtime/sidecar.py requires (only those of the path in use are loaded)
+  const missing = ['init', 'embed', 'step', 'head', 'memory', ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
+    .filter((n) => !(n in meta.graphs));
+  if (missing.length) throw new ModelError(`${where} names no graph for [${missing}]; re-export the checkpoint`);
+  if (meta.tokenizer.type !== 'bytes') {
+    throw new ModelError(`${where}: tokenizer.type ${JSON.stringify(meta.tokenizer.type)} is unknown; this runtime knows ['bytes']`);
+  }
+  meta.generation = checkGeneration('generation' in meta ? meta.generation : {}, where); // null is an error
   return meta;
+}
+
+/** The sidecar's `generation` defaults checked against SAMPLING_RULES (runtime/sidecar.py check_generation),
+ * over GENERATION_FALLBACK. */
+export function checkGeneration(gen, where = SIDECAR) {
+  const fix = 'fix it or delete the field to use the built-in defaults';
+  const known = Object.keys(GENERATION_FALLBACK);
+  if (gen === null || typeof gen !== 'object' || Array.isArray(gen)) {
+    throw new ModelError(`${where}: generation must be a JSON object of defaults (${known.join(', ')}), got ` +
+      `${JSON.stringify(gen)}; ${fix}`);
+  }
+  const unknown = Object.keys(gen).filter((k) => !known.includes(k)).sort();
+  if (unknown.length) {
+    throw new ModelError(`${where}: generation.${unknown[0]} is not a generation option; known: ${known.join(', ')}`);
+  }
+  for (const [name, value] of Object.entries(gen)) {
+    const label = `${where}: generation.${name}`;
+    if (name === 'stop') {
+      if (!Array.isArray(value) || !value.every((x) => typeof x === 'string')) {
+        throw new ModelError(`${label} must be a list of strings, got ${JSON.stringify(value)}; ${fix}`);
+      }
+    } else {
+      const msg = ruleError(name, value, label);
+      if (msg) throw new ModelError(`${msg}; ${fix}`);
+    }
+  }
+  return { ...GENERATION_FALLBACK, ...gen };
 }
 
 // ---- canonical JSON (Python's json.dumps(sort_keys=True, separators=(",", ":")), ensure_ascii) --------
@@ -380,7 +442,7 @@ export class ReSSFormer {
     this.convWidth = Math.max(Number(cfg.conv_kernel) - 1, 0);
     this.steps = steps;
     this.path = path;
-    this.generation = { ...GENERATION_FALLBACK, ...(meta.generation ?? {}) };
+    this.generation = checkGeneration('generation' in meta ? meta.generation : {}); // as checkSidecar did
     this.fingerprint = String(meta.checkpoint_sha256).slice(0, 16);
     this.graphs = graphs;
     this.ort = ort;
@@ -457,14 +519,17 @@ export class ReSSFormer {
   /**
    * tokens (B, T) -> { logits: Float32Array (B * T * vocab, row-major), dims: [B, T, vocab], state }. Any T:
    * pieces are cut at segment boundaries and the memory is updated at each segment's end. A state passed
-   * in is not modified.
+   * in is not modified. options.logits: 'all' (default) or 'last': only the last position's, dims [B, 1, V]
+   * (a prefill's memory is then bounded by one segment whatever T).
    */
-  async forward(tokens, state = null) {
+  async forward(tokens, state = null, { logits: which = 'all' } = {}) {
+    if (!['all', 'last'].includes(which)) throw new RangeError(`logits must be 'all' or 'last', got ${which}`);
     const { data, batch: B, length: T } = this.checkTokens(tokens);
     let s = state ?? await this.initState(B);
     this.#checkState(s, B);
     const V = this.vocabSize, L = this.segmentLen;
-    const logits = new Float32Array(B * T * V);
+    const last = which === 'last';
+    const logits = new Float32Array(B * (last ? 1 : T) * V);
     for (let i = 0; i < T;) {
       const n = Math.min(T - i, L - (s.pos % L));
       const piece = new BigInt64Array(B * n);
@@ -472,10 +537,13 @@ export class ReSSFormer {
       const run = this.path === 'unrolled' ? this.#pieceUnrolled : this.#pieceSteps;
       let lg;
       ({ logits: lg, state: s } = await run.call(this, new this.ort.Tensor('int64', piece, [B, n]), s));
-      for (let b = 0; b < B; b++) logits.set(lg.subarray(b * n * V, (b + 1) * n * V), (b * T + i) * V);
+      for (let b = 0; b < B; b++) {
+        if (last) logits.set(lg.subarray(((b + 1) * n - 1) * V, (b + 1) * n * V), b * V);
+        else logits.set(lg.subarray(b * n * V, (b + 1) * n * V), (b * T + i) * V);
+      }
       i += n;
     }
-    return { logits, dims: [B, T, V], state: s };
+    return { logits, dims: [B, last ? 1 : T, V], state: s };
   }
 
   /** One piece through piece_kK; at a segment's end, segment_end_kK. */
@@ -543,21 +611,14 @@ export class ReSSFormer {
       topK: pick('topK', 'top_k'), topP: pick('topP', 'top_p'), stop: pick('stop', 'stop'),
       repetitionPenalty: pick('repetitionPenalty', 'repetition_penalty'), seed: options.seed ?? null,
     };
-    checkSampling(o);
-    if (!Number.isInteger(o.maxNewTokens) || o.maxNewTokens < 0) {
-      throw new RangeError(`maxNewTokens must be an integer >= 0, got ${o.maxNewTokens}`);
-    }
-    const rp = o.repetitionPenalty;
-    if (typeof rp !== 'number' || !Number.isFinite(rp) || rp <= 0) {
-      throw new RangeError(`repetitionPenalty must be a finite number > 0, got ${rp}`);
+    for (const name of ['temperature', 'top_k', 'top_p', 'max_new_tokens', 'repetition_penalty', 'seed']) {
+      const msg = ruleError(name, o[SAMPLING_RULES[name].js]);
+      if (msg) throw new RangeError(msg);
     }
     if (!Array.isArray(o.stop) || !o.stop.every((s) => typeof s === 'string' || s instanceof Uint8Array)) {
       throw new TypeError(`stop must be an array of strings or Uint8Arrays, got ${JSON.stringify(o.stop)}`);
     }
     o.stop = o.stop.map((s) => (typeof s === 'string' ? new TextEncoder().encode(s) : s)).filter((s) => s.length);
-    if (o.seed !== null && !(Number.isSafeInteger(o.seed) || typeof o.seed === 'bigint')) {
-      throw new TypeError(`seed must be an integer, got ${o.seed}`);
-    }
     return o;
   }
 
@@ -571,9 +632,8 @@ export class ReSSFormer {
     const ids = typeof prompt === 'string' ? Array.from(new TextEncoder().encode(prompt)) : Array.from(prompt ?? []);
     if (!ids.length) throw new RangeError('prompt is empty: generation needs at least one token');
     const rng = makeRng(o.seed);
-    let { logits, state } = await this.forward([ids]);
-    const V = this.vocabSize;
-    let last = logits.subarray(logits.length - V);
+    let { logits, state } = await this.forward([ids], null, { logits: 'last' });
+    let last = logits;
     const seen = new Set(ids.map(Number));
     const longest = Math.max(0, ...o.stop.map((s) => s.length));
     const tail = [];
@@ -631,19 +691,56 @@ export class ReSSFormer {
 
 // ---- sampling (runtime/sampling.py) ---------------------------------------------------------------
 
+/** The generation options' rules: the same table as RULES in runtime/sampling.py (the tests compare them).
+ * type: 'number' (finite) | 'integer'; min/max (null: unbounded); min_open: min excluded; js: the option's
+ * name here; must: the message's words; limits: what the extremes mean. */
+export const SAMPLING_RULES = {
+  temperature: { type: 'number', min: 0, min_open: false, max: null, js: 'temperature',
+    must: 'a finite number >= 0 (0 = greedy)',
+    limits: '0: greedy (argmax, lowest id on ties); a tiny value samples among the tied maxima; a huge one tends to uniform' },
+  top_k: { type: 'integer', min: 0, min_open: false, max: null, js: 'topK',
+    must: 'an integer >= 0 (0 = no top-k filter)',
+    limits: '0 or >= the vocabulary: no filter; ties with the k-th logit are kept' },
+  top_p: { type: 'number', min: 0, min_open: true, max: 1, js: 'topP',
+    must: 'in (0, 1] (1 = no nucleus filter)',
+    limits: '1: no filter; a tiny value keeps the most probable token (lowest id on ties)' },
+  repetition_penalty: { type: 'number', min: 0, min_open: true, max: null, js: 'repetitionPenalty',
+    must: 'a finite number > 0 (1 = no penalty)',
+    limits: '1: none; the penalized logits are clamped to the float32 range' },
+  max_new_tokens: { type: 'integer', min: 0, min_open: false, max: null, js: 'maxNewTokens',
+    must: 'an integer >= 0', limits: '0: nothing is generated' },
+  seed: { type: 'integer', min: 0, min_open: false, max: null, js: 'seed',
+    must: 'an integer >= 0', limits: 'None (left out): a random seed' },
+};
+const F32_MAX = 3.4028234663852886e38;
+
+/** The message for a value that breaks SAMPLING_RULES[name] (null if valid); label names it to the user, shown is
+ * the value as typed (runtime/sampling.py rule_error). */
+export function ruleError(name, value, label = SAMPLING_RULES[name].js, shown = undefined) {
+  const r = SAMPLING_RULES[name];
+  if (name === 'seed' && value === null) return null;
+  let ok = r.type === 'integer' ? Number.isSafeInteger(value) || typeof value === 'bigint'
+    : typeof value === 'number' && Number.isFinite(value);
+  if (ok) {
+    ok = (r.min === null || (r.min_open ? value > r.min : value >= r.min)) && (r.max === null || value <= r.max);
+  }
+  if (ok) return null;
+  return `${label} must be ${r.must}, got ${shown ?? (typeof value === 'string' ? `'${value}'` : String(value))}`;
+}
+
 /** Throw naming the first bad sampling option. */
 export function checkSampling({ temperature, topK, topP }) {
-  if (typeof temperature !== 'number' || !Number.isFinite(temperature) || temperature < 0) {
-    throw new RangeError(`temperature must be a finite number >= 0 (0 = greedy), got ${temperature}`);
+  for (const [name, value] of [['temperature', temperature], ['top_k', topK], ['top_p', topP]]) {
+    const msg = ruleError(name, value);
+    if (msg) throw new RangeError(msg);
   }
-  if (!Number.isInteger(topK) || topK < 0) throw new RangeError(`topK must be an integer >= 0 (0 = no top-k filter), got ${topK}`);
-  if (typeof topP !== 'number' || !(topP > 0 && topP <= 1)) throw new RangeError(`topP must be in (0, 1], got ${topP}`);
 }
 
 /**
- * One token from logits (V): temperature 0 = argmax (lowest id on ties); otherwise logits / temperature,
- * keep the topK largest (0 = all), softmax, keep the smallest most probable set with mass >= topP,
- * renormalize; u (uniform in [0, 1)) picks the number of ids whose cumulative probability is below u.
+ * One token from logits (V): temperature 0 = argmax (lowest id on ties); otherwise (logits - max) / temperature
+ * (<= 0: a tiny temperature gives -Infinity, never Infinity - Infinity), keep the topK largest (0 = all),
+ * softmax, keep the smallest most probable set with mass >= topP, renormalize; u (uniform in [0, 1)) picks
+ * the number of ids whose cumulative probability is <= u (at most the last id with a nonzero probability).
  */
 export function sampleToken(logits, u, { temperature = 1, topK = 0, topP = 1 } = {}) {
   checkSampling({ temperature, topK, topP });
@@ -653,13 +750,14 @@ export function sampleToken(logits, u, { temperature = 1, topK = 0, topP = 1 } =
     for (let i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
     return best;
   }
-  const z = Float64Array.from(logits, (x) => x / temperature);
+  let max = -Infinity;
+  for (const x of logits) if (x > max) max = x;
+  const z = Float64Array.from(logits, (x) => (x - max) / temperature);
   if (topK && topK < V) {
     const kth = Float64Array.from(z).sort()[V - topK];
     for (let i = 0; i < V; i++) if (z[i] < kth) z[i] = -Infinity;
   }
-  const max = Math.max(...z);
-  const p = z.map((x) => Math.exp(x - max));
+  const p = z.map((x) => Math.exp(x)); // the maxima are exp(0) = 1: the sum is >= 1
   normalize(p);
   if (topP < 1) {
     const order = Array.from(p.keys()).sort((a, b) => p[b] - p[a] || a - b);
@@ -669,9 +767,10 @@ export function sampleToken(logits, u, { temperature = 1, topK = 0, topP = 1 } =
     for (let i = 0; i < V; i++) if (!keep[i]) p[i] = 0;
     normalize(p);
   }
-  let below = 0, cum = 0;
-  for (let i = 0; i < V; i++) { cum += p[i]; if (cum < u) below++; }
-  return Math.min(below, V - 1);
+  // the number of ids whose cumulative probability is <= u, at most the last id with p > 0 (runtime/sampling.py)
+  let below = 0, cum = 0, last = 0;
+  for (let i = 0; i < V; i++) { cum += p[i]; if (cum <= u) below++; if (p[i] > 0) last = i; }
+  return Math.min(below, last);
 }
 
 function normalize(p) {
@@ -680,10 +779,13 @@ function normalize(p) {
   for (let i = 0; i < p.length; i++) p[i] /= s;
 }
 
-/** CTRL-style repetition penalty: seen tokens' positive logits / penalty, negative ones * penalty. */
+/** CTRL-style repetition penalty: seen tokens' positive logits / penalty, negative ones * penalty, clamped to
+ * the float32 range (an extreme penalty stays finite). */
 export function penalize(logits, seen, penalty) {
   const out = Float64Array.from(logits);
-  for (const t of seen) out[t] = out[t] > 0 ? out[t] / penalty : out[t] * penalty;
+  for (const t of seen) {
+    out[t] = Math.min(Math.max(out[t] > 0 ? out[t] / penalty : out[t] * penalty, -F32_MAX), F32_MAX);
+  }
   return out;
 }
 

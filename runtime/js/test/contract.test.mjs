@@ -108,6 +108,23 @@ test('bad tokens, states and options are refused with a clear message', async ()
   await assert.rejects(model.score('a'), /need at least 2 bytes/);
 });
 
+test('issue 21: forward keeps only the last logits on request; the generation section is checked; tiny values sample the argmax', async () => {
+  const ids = ref.tokens.slice(0, 75); // crosses two segment ends
+  const all = await model.forward([ids, ids]);
+  const last = await model.forward([ids, ids], null, { logits: 'last' });
+  assert.deepEqual(last.dims, [2, 1, 256]);
+  assert.deepEqual(last.logits.subarray(0, 256), all.logits.subarray(74 * 256, 75 * 256));
+  assert.deepEqual(last.logits.subarray(256), all.logits.subarray(149 * 256, 150 * 256));
+  await assert.rejects(model.forward([ids], null, { logits: 'first' }), /logits must be 'all' or 'last'/);
+  for (const [gen, pattern] of [['null', /generation must be a JSON object .* got null/],
+    ['{"top_p": 0}', /generation\.top_p must be in \(0, 1\]/], ['{"seed": 1}', /generation\.seed is not a generation option/]]) {
+    await refused(editSidecar(/"generation": \{[^}]*\}/, `"generation": ${gen}`), pattern);
+  }
+  const z = Float32Array.from({ length: 256 }, (_, i) => (i === 9 ? 5 : Math.sin(i)));
+  for (const temperature of [5e-324, 1e-300]) assert.equal(sampleToken(z, 0.5, { temperature }), 9);
+  assert.equal(sampleToken(z, 0, { temperature: 1, topP: 5e-324 }), 9, 'u = 0 never picks a token of probability 0');
+});
+
 test('a state is not modified by forward; pieces, whole and token by token agree', async () => {
   const ids = ref.tokens.slice(0, 40);
   const a = await model.forward([ids.slice(0, 10)]);
@@ -175,11 +192,12 @@ test('the CLI prints the greedy text; bad options exit 2 with one line, bad expo
   assert.equal(s.stdout, cli(exportDir, '--prompt', 'a', '--max-new-tokens', '5', '--temperature', '0.8',
     '--top-k', '20', '--top-p', '0.9', '--seed', '3').stdout, 'seeded runs repeat');
   for (const [args, code, pattern] of [
-    [[exportDir, '--top-p', '2'], 2, /^error: topP must be in \(0, 1\]/],
+    [[exportDir, '--top-p', '2'], 2, /^error: --top-p must be in \(0, 1\]/],
     [[exportDir, '--temperature', 'hot'], 2, /^error: --temperature must be a number, got 'hot'/],
-    [[exportDir, '--frobnicate'], 2, /^error: Unknown option '--frobnicate'/],
-    [[], 2, /^error: give one EXPORT_DIR/],
-    [[join(tmpdir(), 'no-such-export-folder')], 1, /^error: export folder .* does not exist/],
+    [[exportDir, '--frobnicate'], 2, /^error: No such option '--frobnicate'/],
+    [[], 2, /^error: Missing argument 'EXPORT_DIR'/],
+    [[join(tmpdir(), 'no-such-export-folder')], 2, /^error: Invalid value for 'EXPORT_DIR': Directory .* does not exist/],
+    [[exportDir, '--seed', '-1'], 2, /^error: --seed must be an integer >= 0, got -1/],
   ]) {
     const e = cli(...args);
     assert.equal(e.status, code, e.stderr);
