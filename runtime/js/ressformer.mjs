@@ -16,6 +16,7 @@ export const SIDECAR = 'ressformer.json';
 export const FORMAT = 'ressformer-export';
 export const KNOWN_FORMAT_VERSIONS = [2];
 export const KNOWN_RESSFORMER_OPSETS = [1];
+export const STEP_GRAPHS = ['embed', 'step', 'head', 'memory']; // the steps path (any K); optional (--step-graphs)
 export const GENERATION_FALLBACK = {
   temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: 64, repetition_penalty: 1.0, stop: [],
 };
@@ -63,7 +64,7 @@ export async function load(source, options = {}) {
       "use path 'steps' or re-export with --steps");
   }
   const chosen = path ?? (names ? 'unrolled' : 'steps');
-  if (chosen === 'steps' && !['embed', 'step', 'head', 'memory'].every((n) => n in meta.graphs)) {
+  if (chosen === 'steps' && !STEP_GRAPHS.every((n) => n in meta.graphs)) {
     throw new RangeError(`this export has no step graphs, so it runs K in [${Object.keys(meta.unrolled)}] only, ` +
       `not K=${K} on the steps path; re-export with --step-graphs (any K) or --steps ${K}`);
   }
@@ -201,8 +202,10 @@ export async function checkSidecar(text, where = SIDECAR) {
       throw new ModelError(`${where}: ${key} must be a JSON object; re-export the checkpoint`);
     }
   }
-  // the same graphs as runtime/sidecar.py requires (only those of the path in use are loaded)
-  const missing = ['init', 'embed', 'step', 'head', 'memory', ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
+  // the same graphs as runtime/sidecar.py requires (only those of the path in use are loaded); the step
+  // graphs are optional (export --step-graphs), all four or none
+  const stepGraphs = STEP_GRAPHS.some((n) => n in meta.graphs) ? STEP_GRAPHS : [];
+  const missing = ['init', ...stepGraphs, ...Object.values(meta.unrolled).flatMap((n) => Object.values(n))]
     .filter((n) => !(n in meta.graphs));
   if (missing.length) throw new ModelError(`${where} names no graph for [${missing}]; re-export the checkpoint`);
   if (meta.tokenizer.type !== 'bytes') {
