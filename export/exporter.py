@@ -45,6 +45,7 @@ QUANTIZE_BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
+EXPERT_LAYERS = ("qmoe", "dispatch")
 # Opset 20: GELU exports as one `Gelu` node instead of five (Div, Erf, Add, Mul, Mul), 32 fewer nodes
 # per decoded token for `small` (docs/performance.md)
 DEFAULT_OPSET = 20
@@ -58,13 +59,16 @@ class ExportError(RuntimeError):
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       dtype: str = "fp32", steps: int | list[int] | None = None, validate=None,
                       quantize: str | None = None, progress=print, overwrite: bool = False,
-                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
+                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, experts: str = "qmoe") -> Path:
     """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
 
     Graphs: `init.onnx` and, for each K of `steps` (default: the trained K), `piece_kK.onnx` +
     `segment_end_kK.onnx`; with step_graphs also embed/step/head/memory (any K at run time; they
     repeat the weights). quantize: None (float weights, portable: ONNX functions only) or
     "int8"/"int4" (weight-only MatMulNBits, ONNX Runtime flavour; block_size weights per scale).
+    experts (quantized exports): "qmoe" (one com.microsoft QMoE node per step, where d_model and d_ff
+    divide by the block size: fewest nodes per token) or "dispatch" (the portable sparse dispatch on
+    MatMulNBits: faster prefill at `base`, and MatMulNBits is the only contrib op, as onnxruntime-web has).
 
     validate: None (no validation) or a callable `validate(model, folder, progress=...) -> report`
     run on the finished folder before it is moved into place (the CLI passes the parity ladder's
@@ -79,6 +83,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     if quantize and dtype != "fp32":  # quantized weights replace fp32 ones; fp16 ones sit behind Casts
         raise ValueError(f"quantize={quantize} needs dtype fp32 (the {quantize} weights replace the float32 "
                          f"ones), got dtype {dtype}")
+    if experts not in EXPERT_LAYERS:
+        raise ValueError(f"unknown expert layer {experts!r}; use one of {', '.join(EXPERT_LAYERS)}")
     if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block size {block_size!r} is not supported; use one of "
                          f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -108,7 +114,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise ValueError(f"steps {steps_list} leave out the trained K={cfg.n_steps}: include it, or write the "
                          "step graphs (step_graphs / --step-graphs), which run any K")
     specs = graph_specs(cfg, steps_list, step_graphs=step_graphs)
-    qmoe = bool(quantize) and ort_moe.supported(cfg, block_size)
+    qmoe = bool(quantize) and experts == "qmoe" and ort_moe.supported(cfg, block_size)
     tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:

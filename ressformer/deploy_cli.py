@@ -69,6 +69,9 @@ class Rule(click.ParamType):
 @click.option("--quantize", default=None, type=Choice(["int8", "int4"], "unsupported quantization"),
               help="int8/int4: weight-only quantization of every weight MatMul (ONNX Runtime's MatMulNBits), "
                    "validated on bits per byte against PyTorch fp32")
+@click.option("--experts", default="qmoe", show_default=True, type=Choice(["qmoe", "dispatch"], "unknown expert layer"),
+              help="with --quantize: qmoe = one com.microsoft QMoE node per step (fewest nodes per token); "
+                   "dispatch = per-expert MatMulNBits (faster prefill on large models; runs in onnxruntime-web)")
 @click.option("--block-size", default="32", show_default=True,
               type=Choice(["16", "32", "64", "128", "256"], "unsupported block size"),
               help="with --quantize: weights per quantization scale")
@@ -81,7 +84,8 @@ class Rule(click.ParamType):
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output folder (atomically; never the checkpoint)")
 @threads_option
 @needs_torch
-def export(checkpoint, out, opset, dtype, quantize, block_size, steps, step_graphs, no_validate, overwrite, threads):
+def export(checkpoint, out, opset, dtype, quantize, experts, block_size, steps, step_graphs, no_validate, overwrite,
+           threads):
     """Export CHECKPOINT to ONNX (graphs + ressformer.json), validated against PyTorch."""
     from .fsutil import same_or_nested
 
@@ -94,7 +98,10 @@ def export(checkpoint, out, opset, dtype, quantize, block_size, steps, step_grap
 
     if block_size != "32" and not quantize:
         raise OptionError("--block-size applies to a quantized export: add --quantize int8 or int4")
+    if experts != "qmoe" and not quantize:
+        raise OptionError("--experts applies to a quantized export: add --quantize int8 or int4")
     export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize, block_size=int(block_size),
+                      experts=experts,
                       steps=None if steps is None else steps[0] if len(steps) == 1 else steps,
                       step_graphs=step_graphs, validate=None if no_validate else validate_export,
                       overwrite=overwrite, progress=say)

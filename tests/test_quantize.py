@@ -90,6 +90,21 @@ def test_int8_and_block_size(tiny_checkpoint, tmp_path, bits):
     assert rep["passed"] and rep["quality"]["bpb_delta"] <= BUDGETS["int8"]["bpb"], rep["summary"]
 
 
+def test_dispatch_experts_use_matmulnbits_only(tiny_checkpoint, tmp_path):
+    """--experts dispatch: the portable sparse dispatch with each expert's two MatMuls as MatMulNBits (no
+    QMoE): the experts are quantized too, and the export passes the same quality budget."""
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "d", quantize="int4", experts="dispatch",
+                            validate=validate_export, progress=lambda s: None)
+    meta = json.loads((out / "ressformer.json").read_text())
+    assert meta["onnxruntime_ops"] == ["MatMulNBits"]
+    g = onnx.load(str(out / "piece_k2.onnx")).graph
+    assert not [n for n in g.node if n.op_type == "QMoE"]
+    n_experts = 4  # tiny
+    assert sum(n.op_type == "MatMulNBits" for n in g.node) >= 2 * n_experts * 2  # w1, w2 per expert per step
+    assert [n.op_type for n in g.node if n.name in _weight_matmuls(g)] == ["Gemm"] * 2  # the routers
+    assert json.loads((out / "validation.json").read_text())["passed"]
+
+
 def test_bad_quantize_options(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unsupported quantization"):
         export_checkpoint(tiny_checkpoint, tmp_path / "a", quantize="int3")
@@ -101,6 +116,11 @@ def test_bad_quantize_options(tiny_checkpoint, tmp_path):
     assert r.exit_code == 2 and "--quantize" in r.output
     r = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "d"), "--quantize", "int2"])
     assert r.exit_code == 2 and "unsupported quantization" in r.output
+    r = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "d"),
+                                  "--experts", "dispatch"])
+    assert r.exit_code == 2 and "--quantize" in r.output
+    with pytest.raises(ValueError, match="unknown expert layer"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "e", quantize="int4", experts="dense")
 
 
 def test_session_loads_only_the_graphs_its_path_runs(tiny_checkpoint, tiny_export, tmp_path):
