@@ -297,3 +297,33 @@ def test_mqar_learns_recall():
     torch.set_num_threads(1)
     res = train_mqar(steps=800, batch_size=32, lr=3e-3, eval_examples=256, **QUIET)
     assert res["accuracy"] > 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_training_step_equals_eager(dtype):
+    """torch.compile (CPU, inductor) of the model: one training step's loss and gradients equal eager's
+    (issue 22; ~1 min to compile tiny on 2 cores). bf16: autocast with a bf16 initial state, as train.py."""
+    import torch.nn.functional as F
+
+    from ressformer import ReSSFormer, ReSSFormerConfig
+
+    torch.manual_seed(0)
+    m = ReSSFormer(ReSSFormerConfig.preset("tiny")).train()
+    x, y = torch.randint(0, 256, (2, 64)), torch.randint(0, 256, (2, 64))
+
+    def step(fwd):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            state = m.init_state(2, dtype=torch.bfloat16) if dtype == "bf16" else None
+            logits = fwd(x, state=state).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    le, ge = step(m)
+    lc, gc = step(torch.compile(m))
+    tol = 1e-5 if dtype == "fp32" else 3e-2
+    assert abs(le - lc) <= tol * abs(le) and len(ge) == len(gc)
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(b, a, atol=tol * max(a.abs().max().item(), 1e-3) * 10, rtol=tol * 10)
