@@ -30,6 +30,7 @@ dense side; the model folder, tables, crossovers and the plot work without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -401,13 +402,16 @@ def _export_variant(ckpt, out: Path, variant: str, progress) -> dict:
 
     t0 = time.perf_counter()
     e = {"name": engine_name("ressformer", variant), "kind": "ressformer", "variant": variant, "path": str(out)}
+    logging.disable(logging.WARNING)  # ONNX Runtime's quantizer warns once per graph ("consider pre-processing")
     try:
         export_checkpoint(ckpt, out, quantize=None if variant == "fp32" else variant, validate=None, overwrite=True,
                           progress=lambda s: None)
-    except ValueError as err:  # e.g. a quantization this exporter does not know (yet)
+    except (ValueError, RuntimeError) as err:  # e.g. a quantization this exporter does not know (yet)
         e |= {"status": f"failed: {str(err).splitlines()[0][:200]}", "disk_mb": None}
         progress(f"{e['name']}: export {e['status']}")
         return e
+    finally:
+        logging.disable(logging.NOTSET)
     e |= {"status": "ok", "disk_mb": folder_mb(out), "export_s": time.perf_counter() - t0}
     progress(f"{e['name']}: exported in {e['export_s']:.1f}s, {e['disk_mb']:.1f} MB on disk")
     return e
@@ -528,7 +532,7 @@ def plot(report, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6), gridspec_kw={"width_ratios": [1, 1, 1, 0.7]})
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6), gridspec_kw={"width_ratios": [1, 1, 1, 0.9]})
     panels = [("prefill_s", "prefill latency (s, one run)", "prefill, batch 1", True),
               ("decode_tok_s", "decode tokens/s", "decode after the context", True),
               ("peak_mb", "peak RSS (MB, fresh process)", "peak memory (prefill + decode)", True)]
@@ -547,11 +551,13 @@ def plot(report, path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[3]
-    es = [e for e in report["engines"] if e.get("disk_mb")]
-    ax.bar(range(len(es)), [e["disk_mb"] for e in es], color=[STYLES.get(e["name"], ("", "C5"))[1] for e in es])
+    es = report["engines"]
+    ax.bar(range(len(es)), [e.get("disk_mb") or 0 for e in es],
+           color=[STYLES.get(e["name"], ("", "C5"))[1] for e in es])
     ax.set_xticks(range(len(es)), [e["name"].replace(" ", "\n") for e in es], fontsize=8)
-    for i, e in enumerate(es):
-        ax.annotate(f"{e['disk_mb']:.1f}", (i, e["disk_mb"]), ha="center", va="bottom", fontsize=8)
+    for i, e in enumerate(es):  # an engine that did not export or build: "n/a" where its bar would be
+        ax.annotate(f"{e['disk_mb']:.1f}" if e.get("disk_mb") else "n/a", (i, e.get("disk_mb") or 0), ha="center",
+                    va="bottom", fontsize=8)
     ax.set_ylabel("MB")
     ax.set_title("ONNX files on disk")
     m = report["meta"]
