@@ -246,8 +246,17 @@ def test_genai_fp32_build_computes_what_transformers_computes(tmp_path, torch_th
 
 @pytest.mark.genai
 def test_genai_smoke_comparison(tiny_checkpoint, tmp_path):
-    rep = gb.run_comparison(smoke=True, threads=1, checkpoint=tiny_checkpoint, variants=("fp32", "int8"),
-                            progress=None)
+    """`ressformer bench CK --against genai --smoke` end to end: a complete report, its JSON and plot."""
+    from click.testing import CliRunner
+
+    from ressformer.cli import main
+
+    out, png = tmp_path / "genai.json", tmp_path / "genai.png"
+    r = CliRunner().invoke(main, ["bench", str(tiny_checkpoint), "--against", "genai", "--smoke", "--threads", "1",
+                                  "--variants", "fp32,int8", "--json", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["table"] in r.output and png.stat().st_size > 10_000
     m = rep["meta"]
     assert m["lengths"] == [64, 128] and m["smoke"] is True and m["decode_tokens"] == 8
     assert m["max_position_embeddings"] >= 128 + 8 + 2 and m["onnxruntime_genai"]
@@ -269,5 +278,4 @@ def test_genai_smoke_comparison(tiny_checkpoint, tmp_path):
     t = rep["table"]
     assert "against genai int4" in t and "crossovers" in t and "[smoke]" in t
     assert [ln.split()[0] for ln in t.splitlines() if ln.startswith("prefill (s)")] == ["prefill"]
-    json.loads(json.dumps(rep, default=float))
-    assert gb.plot(rep, tmp_path / "genai.png").stat().st_size > 10_000
+    assert m["checkpoint"] == str(tiny_checkpoint) and m["threads"] == 1 and m["variants"] == ["fp32", "int8"]
