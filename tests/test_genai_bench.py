@@ -171,6 +171,13 @@ def test_an_export_the_exporter_refuses_is_a_failed_row(tiny_checkpoint, tmp_pat
     assert e["disk_mb"] is None and not (tmp_path / "x").exists()
 
 
+def test_a_failing_genai_child_is_a_failed_point(tmp_path):
+    """No model there (or no onnxruntime-genai installed): one failed point, not a crash."""
+    r = gb._run_genai_child(tmp_path / "missing", 16, 2, 1, 0, timeout=120)
+    assert r["engine"] == "genai" and r["length"] == 16 and r["status"].startswith("failed: "), r
+    assert "prefill_s" not in r
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 def _cli(args):
     from click.testing import CliRunner
