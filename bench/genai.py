@@ -13,7 +13,10 @@ random weights may emit EOS early, so every generator runs with min_length = max
 ReSSFormer is exported once per variant (`export_checkpoint(..., quantize=None | "int8" | "int4")`)
 and runs in `ReSSFormerSession` (the child of bench/dense.py, reused as is).
 
-Every point is one fresh child process per engine and length, as a deployment would be: load
+Both engines run with the same intra-op thread count (`threads`; inter-op 1): ReSSFormerSession's
+`threads=`, and for genai an overlay of the decoder's session options (genai's own default runs
+one intra-op thread on the 2-core CI machine). Every point is one fresh child process per engine
+and length, as a deployment would be: load
 (RSS after loading), prefill of T random tokens (timed, one run, cold), one untimed decode token,
 then `decode_tokens` tokens one at a time (tokens/s); peak = VmHWM of that process. Size on disk:
 the files of each engine's folder. Crossovers (bench/dense.py's `crossover`, log length) of each
@@ -327,7 +330,6 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
         engines = []
         for v in variants:
             engines.append(_export_variant(ckpt, work / f"ressformer_{v}", v, progress))
-        t0 = time.perf_counter()
         hf = write_llama(spec, work / "llama_hf", positions, seed)
         progress(f"dense Llama: {spec.params:,} params ({spec.n_layer} layers, d {spec.d_model}, {spec.n_heads} "
                  f"heads, SwiGLU {spec.d_ff}, vocab {spec.vocab_size}, tied), max_position_embeddings {positions}")
