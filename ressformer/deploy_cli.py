@@ -26,6 +26,7 @@ from .cli import (
     Int,
     IntList,
     OptionError,
+    _installed,
     _name,
     check_output_file,
     is_quiet,
@@ -58,6 +59,27 @@ class Rule(click.ParamType):
         if msg:
             raise OptionError(msg, ctx, param)
         return v
+
+
+GENAI_MODULES = ("onnxruntime_genai", "transformers")  # the genai extra (the model builder needs transformers)
+GENAI_HINT = "pip install 'ressformer[genai]' (onnxruntime-genai needs onnxruntime >= 1.31)"
+
+
+class VariantList(click.ParamType):
+    """Comma-separated ReSSFormer export variants for `bench --against`: `fp32,int8,int4`."""
+
+    name = "V,V,..."
+    choices = ("fp32", "int8", "int4")  # = ressformer.bench.genai.RESS_VARIANTS (that module loads onnxruntime)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        bad = [x for x in items if x not in self.choices]
+        if bad or not items:
+            raise OptionError(f"--variants: unknown variant {', '.join(map(repr, bad)) or repr(value)}; choose "
+                              f"from: {', '.join(self.choices)} (comma-separated)", ctx, param)
+        return list(dict.fromkeys(items))
 
 
 @click.command()
@@ -453,26 +475,47 @@ def score(export_dir, files, steps, provider, threads, as_json):
 @click.option("--baseline", is_flag=True,
               help="instead: ReSSFormer against a dense GPT of the same parameter count, both in ONNX Runtime, "
                    "prefill and decode at long contexts (docs/dense-comparison.md)")
+@click.option("--against", default=None, type=Choice(["genai"], "unknown yardstick"),
+              help="instead: ReSSFormer fp32/int8/int4 against onnxruntime-genai's dense Llama of the same parameter "
+                   "count (fp32 and int4), each point a fresh process (docs/performance.md; needs the genai extra)")
+@click.option("--variants", default=None, type=VariantList(),
+              help="with --against: the ReSSFormer exports compared [default: fp32,int8,int4]")
 @click.option("--lengths", default=None, type=IntList(1),
-              help="with --baseline: context lengths [default: 2048,8192,32768]")
+              help="with --baseline or --against: context lengths [default: 2048,8192,32768 with --baseline, "
+                   "128,2048,8192,32768 with --against]")
 @threads_option
 @needs_torch
-def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, lengths, threads):
+def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, against, variants, lengths, threads):
     """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/); with --baseline,
-    ReSSFormer vs a same-size dense transformer with a key/value cache, both in ONNX Runtime."""
+    ReSSFormer vs a same-size dense transformer with a key/value cache, both in ONNX Runtime; with
+    --against genai, ReSSFormer's exports vs onnxruntime-genai's same-size dense Llama (fp32, int4)."""
     if not checkpoint and not preset:
         raise click.UsageError("give a CHECKPOINT or --preset NAME")
     if checkpoint and preset:
         raise click.UsageError("give a CHECKPOINT or --preset NAME, not both")
+    if baseline and against:
+        raise click.UsageError("--baseline and --against are two different comparisons; give one")
+    if variants and not against:
+        raise click.UsageError("--variants goes with --against genai")
+    if against == "genai":
+        missing = [m for m in GENAI_MODULES if not _installed(m)]
+        if missing:
+            raise click.ClickException(f"`ressformer bench --against genai` needs the genai extra (missing "
+                                       f"{', '.join(missing)}): {GENAI_HINT}")
     check_output_file(json_out, overwrite, inputs=(checkpoint,))
     check_output_file(plot_out, overwrite, inputs=(checkpoint,), what="--plot")
     if checkpoint:
         from ressformer.checkpoint import load_checkpoint
 
         load_checkpoint(checkpoint)  # a missing or corrupted checkpoint fails here, in one line
-    if lengths and not baseline:
-        raise click.UsageError("--lengths goes with --baseline")
-    if baseline:
+    if lengths and not (baseline or against):
+        raise click.UsageError("--lengths goes with --baseline or --against")
+    if against == "genai":
+        from ressformer.bench.genai import RESS_VARIANTS, plot, run_comparison
+
+        rep = run_comparison(checkpoint=checkpoint, preset=preset or "small", smoke=smoke, threads=threads or 2,
+                             lengths=lengths, variants=variants or RESS_VARIANTS, progress=say)
+    elif baseline:
         from ressformer.bench.dense import plot, run_comparison
 
         rep = run_comparison(checkpoint=checkpoint, preset=preset or "small", smoke=smoke, threads=threads or 2,
