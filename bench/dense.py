@@ -423,7 +423,7 @@ def child_main(engine: str, path: str, length: int, decode: int, threads: int, s
         from ressformer.runtime import ReSSFormerSession
 
         sess = ReSSFormerSession(path, threads=threads or None)
-        run = lambda x, s: sess.forward(x, s)[1]
+        run = lambda x, s: sess.forward(x, s, logits="last")[1]  # a prefill keeps the last logits only
     elif engine == "dense":
         sess = DenseSession(path, threads=threads or None)
         run = lambda x, s: sess.forward(x, s, chunk=chunk)[1]
@@ -559,7 +559,7 @@ def _measure(rs, ds, T, status, decode_tokens, chunk, smoke, seed, progress) -> 
     states = {}
 
     def ress(x=x, states=states):
-        states["ressformer"] = rs.forward(x)[1]
+        states["ressformer"] = rs.forward(x, logits="last")[1]
 
     def dense(x=x, states=states):
         states["dense"] = ds.forward(x, chunk=chunk)[1]
