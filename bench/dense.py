@@ -782,6 +782,13 @@ def plot(report, path) -> Path:
     fig.suptitle(f"ReSSFormer {m['checkpoint'] or m['preset']} ({m['ressformer_params']:,} params) vs dense GPT "
                  f"({m['dense_params']:,}), ONNX Runtime, threads={m['threads'] or 'default'}, load avg "
                  f"{m['loadavg_start'][0]:.1f}")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure atomically (a temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -566,14 +566,7 @@ def plot(report, path) -> Path:
     fig.suptitle(f"ReSSFormer {m['checkpoint'] or m['preset']} ({m['ressformer_params']:,} params) vs dense Llama "
                  f"in onnxruntime-genai ({m['llama_params']:,}), threads={m['threads'] or 'default'}, load avg "
                  f"{m['loadavg_start'][0]:.1f}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return db.save_figure(fig, path)
 
 
 def main(argv=None):
