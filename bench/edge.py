@@ -1,4 +1,4 @@
-"""Edge deployment: fp32 vs fp16-stored weights vs int8 (dynamic quantization) exports of one
+"""Edge deployment: fp32 vs fp16-stored weights vs int8/int4 (weight-only MatMulNBits) exports of one
 checkpoint, and the ORT-format conversion.
 
 For each export mode: file size (all graphs), speed (prefill through the unrolled graphs, decode tokens/s;

@@ -396,9 +396,10 @@ def quantize_weights(proto: onnx.ModelProto, bits: int, block_size: int) -> onnx
 def _fold_weight_views(proto: onnx.ModelProto) -> int:
     """Fold Transpose(initializer) and Gather(initializer, constant index) into initializers.
 
-    quantize_dynamic quantizes only MatMuls whose weight input *is* an initializer; the torch
-    exporter leaves the q/k/v weight behind a Transpose (nn.Linear) and each expert's weights
-    behind a Gather (`w1[e]`), so without this fold int8 covered ~10% of the weights. Equal
+    onnxruntime's quantizers (MatMulNBitsQuantizer, as quantize_dynamic before it) quantize only
+    MatMuls whose weight input *is* an initializer; the torch exporter leaves the q/k/v weight behind
+    a Transpose (nn.Linear) and each expert's weights behind a Gather (`w1[e]`), so without this fold
+    quantization covered ~10% of the weights. Equal
     folds (the same view of the same weight, e.g. in each unrolled step) share one initializer;
     weights left unused are dropped. Returns the number of nodes folded."""
     import numpy as np
