@@ -81,3 +81,12 @@ def test_edge_export(mode, tiny_checkpoint, tiny_export, tmp_path):
         lo, st = sess.forward(np.array([[b]], np.int64), st)
         assert np.isfinite(lo).all()
 
+
+
+def test_ort_format_export_runs(tiny_export, tmp_path):
+    """The ORT-format conversion of an export (bench/edge.py): converted, re-signed (model_sha256 covers the
+    graphs' entries), loaded by the runtime, and equal to the .onnx export on both paths."""
+    res = edge.ort_format_check(tiny_export, tmp_path, threads=1)
+    assert res["converted"] and res["runs"], res.get("error")
+    assert set(res["max_abs_logit_diff_vs_onnx"]) == {"unrolled", "steps"}
+    assert max(res["max_abs_logit_diff_vs_onnx"].values()) <= 1e-4
