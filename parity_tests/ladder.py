@@ -20,10 +20,8 @@ Tolerances live in TOLERANCES (docs/parity.md gives the measured distributions b
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,6 +29,7 @@ import onnxruntime as ort
 import torch
 from ressformer.export.ops import DOMAIN, OPSET_VERSION
 from ressformer.runtime import ReSSFormerSession
+from ressformer.runtime.sidecar import read_sidecar
 
 from ressformer import ops as tops
 
@@ -205,7 +204,9 @@ class Ladder:
     def rung_ops(self, seed=0):
         """Each op function as shipped inside step.onnx and each unrolled piece graph, run alone in
         ORT, against PyTorch."""
-        names = ["step"] * self.sess.has_step_graphs + [u["piece"] for u in self.sess.meta["unrolled"].values()]
+        names = [u["piece"] for u in self.sess.meta["unrolled"].values()]
+        if self.sess.has_step_graphs:
+            names.insert(0, "step")
         for name in names:
             self._ops_of(name, seed)
 
@@ -528,8 +529,7 @@ def run_ladder(model, export_dir, lengths=None, batches=(1, 3), steps_list=None,
 
 
 def _quantized(export_dir) -> bool:
-    meta = json.loads((Path(export_dir) / "ressformer.json").read_text(encoding="utf-8"))
-    return meta.get("quantize") in BUDGETS
+    return read_sidecar(export_dir).get("quantize") in BUDGETS
 
 
 def validate_export(model, export_dir, progress=None) -> dict:
@@ -539,7 +539,6 @@ def validate_export(model, export_dir, progress=None) -> dict:
     if _quantized(export_dir):
         return check_quality(model, export_dir, progress=progress)
     lad = Ladder(model, export_dir, progress=progress)
-    steps = lad.sess.has_step_graphs
     cfg = model.config
     k, L = cfg.top_k, cfg.segment_len
     lad.rung_ops()
@@ -550,7 +549,7 @@ def validate_export(model, export_dir, progress=None) -> dict:
     lad.rung_segment(1, L)
     lad.rung_stream(3, 2 * L + 5)
     lad.rung_decode(1, min(L + 6, 2 * L))
-    if steps:
+    if lad.sess.has_step_graphs:
         lad.rung_segment(1, L, path="steps")
         lad.rung_stream(1, L + 5, path="steps")
         lad.rung_decode(1, min(L + 6, 2 * L), path="steps")

@@ -11,6 +11,7 @@ from ressformer.parity.ladder import validate_export
 from ressformer.parity.quality import BUDGETS, check_quality
 from ressformer.runtime import ModelError, ReSSFormerSession
 
+from ressformer import load_checkpoint
 from ressformer.cli import main
 
 
@@ -77,16 +78,15 @@ def test_quantized_export_hashes_and_runs(int4_export, tiny_export):
         (int4_export / "piece_k2.onnx").write_bytes(data)
 
 
-@pytest.mark.parametrize("bits", ["int8"])
-def test_int8_and_block_size(tiny_checkpoint, tmp_path, bits):
-    out = export_checkpoint(tiny_checkpoint, tmp_path / "q", quantize=bits, block_size=16, validate=None,
+def test_int8_and_block_size(tiny_checkpoint, tmp_path):
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "q", quantize="int8", block_size=16, validate=None,
                             progress=lambda s: None)
     meta = json.loads((out / "ressformer.json").read_text())
     assert meta["quantize_block_size"] == 16
     g = onnx.load(str(out / "piece_k2.onnx")).graph
     attrs = {a.name: a.i for n in g.node if n.op_type == "QMoE" for a in n.attribute}
     assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 16
-    rep = check_quality(__import__("ressformer").load_checkpoint(tiny_checkpoint), out)
+    rep = check_quality(load_checkpoint(tiny_checkpoint), out)
     assert rep["passed"] and rep["quality"]["bpb_delta"] <= BUDGETS["int8"]["bpb"], rep["summary"]
 
 
