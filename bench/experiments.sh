@@ -3,6 +3,7 @@
 #   bash bench/experiments.sh [ROOT]        # then: python bench/results.py ROOT --plots docs/img
 #   bash bench/experiments.sh ROOT baby     # only the baby-GPT-budget runs (issue 13, docs/training.md)
 #   bash bench/experiments.sh ROOT recipe   # only the recipe decision and the results refresh (issue 13)
+#   bash bench/experiments.sh ROOT tradeoff # only issue 23: recall through the memory, test-time K and top_k, MQAR 256/16
 # Each command uses one thread; docs/results.md ran them two at a time on a 2-core machine.
 set -eu
 R=${1:-runs/results}
@@ -81,6 +82,23 @@ recipe() {
     --json-out "$R/mqar_r_topk32_256_16.json"  # a wider selection
   }
 }
+# 8. issue 23 (docs/results.md, section 0b): recall through the memory, measured in ONNX Runtime; the
+# accuracy-latency trade-off of test-time K and top_k; MQAR 256/16 with an annealed selection and a curriculum.
+# Run only these with: bash bench/experiments.sh ROOT tradeoff
+tradeoff() {
+  local RC="--max-distance 8 --steps 2500 --batch-size 32 --eval-every 250 --threads 1"
+  # shellcheck disable=SC2086
+  {
+  ressformer recall $RC --out "$R/recall_tiny" --json-out "$R/recall_tiny.json"
+  ressformer recall $RC --baseline --json-out "$R/recall_tiny_baseline.json"  # dense, same size and budget
+  ressformer bench "$R/recall_tiny" --tradeoff --json "$R/tradeoff.json" --plot docs/img/tradeoff.png
+  ressformer mqar --seq-len 256 --pairs 16 --steps 2000 --set segment_len=256 --top-k-start 0 --anneal-frac 0.5 \
+    --eval-every 200 --threads 1 --json-out "$R/mqar_anneal_r_256_16.json"
+  ressformer mqar --seq-len 256 --pairs 16 --steps 2000 --set segment_len=256 --curriculum 128,8,800 \
+    --eval-every 200 --threads 1 --json-out "$R/mqar_curriculum_r_256_16.json"
+  }
+}
+if [ "${2:-}" = tradeoff ]; then tradeoff; exit 0; fi
 if [ "${2:-}" = baby ]; then baby_gpt; exit 0; fi
 if [ "${2:-}" = recipe ]; then recipe; exit 0; fi
 LM="--preset small --steps 200 --batch-size 8 --warmup 20 --eval-every 50 --eval-batches 8 --ckpt-every 0

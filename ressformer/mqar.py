@@ -54,8 +54,16 @@ def mqar_batch(n: int, seq_len: int = 64, n_pairs: int = 4, vocab_size: int = 25
 def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int = 64, n_pairs: int = 4,
                vocab_size: int = 256, steps: int = 500, batch_size: int = 32, lr: float = 3e-3,
                warmup: int = 50, seed: int = 0, baseline: bool = False, eval_examples: int = 512,
-               device: str = "auto", log=print) -> dict:
-    """Train a fresh model on MQAR and return the query accuracy on `eval_examples` held-out sequences."""
+               device: str = "auto", log=print, top_k_start: int | None = None, anneal_frac: float = 0.5,
+               eval_every: int = 0, curriculum: tuple[int, int, int] | None = None) -> dict:
+    """Train a fresh model on MQAR and return the query accuracy on `eval_examples` held-out sequences.
+
+    top_k_start: an annealed selection (issue 23): train with this many keys per query (0: all keys)
+    at step 0, narrowing geometrically to the config's top_k at `anneal_frac` of the steps, then the
+    config's top_k to the end (what is evaluated and exported). eval_every: also score the held-out
+    set every N steps (the `curve` of the result). curriculum: (seq_len, n_pairs, steps): the first
+    `steps` training batches are of that shorter task (e.g. 128 tokens, 8 pairs), the rest of the
+    asked one; the held-out set is always the asked task."""
     import torch
     import torch.nn.functional as F
 
@@ -68,6 +76,13 @@ def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int
         cfg = baseline_config(cfg, seq_len)
     tc = TrainConfig(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seed=seed)
     tc.validate()
+    schedule = _topk_schedule(cfg, seq_len, steps, top_k_start, anneal_frac)
+    if curriculum is not None:
+        c_len, c_pairs, c_steps = curriculum
+        if not 0 <= c_steps <= steps or c_len > seq_len or c_pairs > n_pairs:
+            raise ValueError(f"curriculum (seq_len, pairs, steps) must be a task no larger than the asked one "
+                             f"for at most {steps} steps, got {curriculum}")
+        mqar_batch(1, c_len, c_pairs, vocab_size)  # a bad layout fails here, not at step 0
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = ReSSFormer(cfg).to(dev)
@@ -91,11 +106,14 @@ def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int
         model.train()
         return hits / total
 
-    t0, loss = time.perf_counter(), math.nan
+    t0, loss, curve = time.perf_counter(), math.nan, []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
-        x, y = (torch.from_numpy(a).to(dev) for a in mqar_batch(batch_size, seed=[seed, 1, step], **gen))
+        model.config.top_k = schedule(step)  # every module reads the one config object
+        task = gen if curriculum is None or step >= curriculum[2] else {
+            **gen, "seq_len": curriculum[0], "n_pairs": curriculum[1]}
+        x, y = (torch.from_numpy(a).to(dev) for a in mqar_batch(batch_size, seed=[seed, 1, step], **task))
         out = model(x)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         total = ce + out.aux["loss"]
@@ -107,10 +125,41 @@ def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(ce.detach())
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            curve.append({"step": step + 1, "top_k": model.config.top_k, "loss": loss, "accuracy": accuracy()})
+            log(f"step {step + 1:>5}/{steps} | top_k {model.config.top_k} | held-out accuracy "
+                f"{curve[-1]['accuracy']:.4f}")
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"step {step + 1:>5}/{steps} | query loss {loss:.4f} | {time.perf_counter() - t0:.1f}s")
+    model.config.top_k = cfg_top_k = schedule(steps)
     acc = accuracy()
+    curve.append({"step": steps, "top_k": cfg_top_k, "loss": loss, "accuracy": acc})
     log(f"mqar accuracy {acc:.4f} on {eval_examples} held-out sequences")
     return {"accuracy": acc, "loss": loss, "steps": steps, "seq_len": seq_len, "n_pairs": n_pairs,
             "vocab_size": vocab_size, "baseline": baseline, "preset": preset, "n_params": model.num_params(),
+            "top_k": cfg_top_k, "top_k_start": top_k_start, "anneal_frac": anneal_frac,
+            "curriculum": list(curriculum) if curriculum else None, "curve": curve,
             "seconds": time.perf_counter() - t0}
+
+
+def _topk_schedule(cfg, seq_len: int, steps: int, top_k_start: int | None, anneal_frac: float):
+    """step -> keys per query. Without top_k_start: the config's top_k throughout."""
+    final = cfg.top_k
+    if top_k_start is None:
+        return lambda step: final
+    if isinstance(top_k_start, bool) or not isinstance(top_k_start, int) or top_k_start < 0:
+        raise ValueError(f"top_k_start must be an integer >= 0 (0: all keys), got {top_k_start!r}")
+    if not 0 < anneal_frac <= 1:
+        raise ValueError(f"anneal_frac must be in (0, 1], got {anneal_frac}")
+    if final == 0:
+        raise ValueError("an annealed selection needs a final top_k > 0 (the config's top_k is 0: all keys)")
+    n_keys = cfg.mem_slots + cfg.cache_len + seq_len  # every candidate a query can see
+    start = n_keys if top_k_start == 0 else top_k_start
+    if start < final:
+        raise ValueError(f"top_k_start ({top_k_start}) must be >= the final top_k ({final})")
+    end = max(1, round(anneal_frac * steps))
+
+    def k_at(step: int) -> int:
+        f = min(step / end, 1.0)
+        return max(final, round(start * (final / start) ** f))
+    return k_at

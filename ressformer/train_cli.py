@@ -13,6 +13,7 @@ from .cli import (
     Float,
     Folder,
     Int,
+    IntList,
     OptionError,
     check_output_file,
     is_quiet,
@@ -111,6 +112,14 @@ def train(data_arg, data, overrides, out, resume, compile_, **opts):
 @click.option("--lr", default=3e-3, show_default=True, type=Float(0, lo_open=True), help="peak learning rate")
 @click.option("--warmup", default=50, show_default=True, type=Int(0), help="linear warmup steps")
 @click.option("--eval-examples", default=512, show_default=True, type=Int(1), help="held-out examples to score")
+@click.option("--eval-every", default=0, show_default=True, type=Int(0),
+              help="also score the held-out set every N steps (the learning curve)")
+@click.option("--top-k-start", type=Int(0),
+              help="anneal the selection: keys per query at step 0 (0: all), narrowing to the config's top_k")
+@click.option("--anneal-frac", default=0.5, show_default=True, type=Float(0, 1, lo_open=True),
+              help="share of the steps over which --top-k-start narrows to top_k")
+@click.option("--curriculum", type=IntList(1), metavar="SEQ_LEN,PAIRS,STEPS",
+              help="start on a shorter task, e.g. 128,8,600: the first 600 steps at 128 tokens and 8 pairs")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the data and initialization")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto: CUDA if available")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="also write the result as JSON here")
@@ -118,7 +127,7 @@ def train(data_arg, data, overrides, out, resume, compile_, **opts):
 @threads_option
 @needs_torch
 def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, lr, warmup, eval_examples,
-         seed, device, json_out, overwrite, threads):
+         eval_every, top_k_start, anneal_frac, curriculum, seed, device, json_out, overwrite, threads):
     """Train on multi-query associative recall and report the query accuracy."""
     from .mqar import train_mqar
 
@@ -129,8 +138,65 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
     res = _usage_errors(train_mqar, preset=preset, overrides=overrides, seq_len=seq_len,
                         n_pairs=pairs, vocab_size=vocab, steps=steps, batch_size=batch_size, lr=lr,
                         warmup=warmup, seed=seed, baseline=baseline, eval_examples=eval_examples,
-                        device=device, log=say)
+                        device=device, log=say, top_k_start=top_k_start, anneal_frac=anneal_frac,
+                        eval_every=eval_every, curriculum=_curriculum(curriculum))
     click.echo(json.dumps(res))
+    if json_out:
+        write_json(json_out, res)
+
+
+def _curriculum(values):
+    if values is None:
+        return None
+    if len(values) != 3:
+        raise OptionError(f"--curriculum takes SEQ_LEN,PAIRS,STEPS (three integers), got {len(values)} value(s)")
+    return tuple(values)
+
+
+@click.command()
+@click.option("--preset", type=PRESET, default="tiny", show_default=True, help="model size")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="override a model config field, e.g. --set segment_len=64 (repeatable)")
+@click.option("--baseline", is_flag=True, help="dense softmax transformer of about the same size (PyTorch only)")
+@click.option("--max-distance", default=8, show_default=True, type=Int(0),
+              help="train on answers 0..N segments back (sequences of N + 1 segments)")
+@click.option("--pairs", default=1, show_default=True, type=Int(1), help="records per sequence (one is queried)")
+@click.option("--steps", default=1000, show_default=True, type=Int(1), help="training steps")
+@click.option("--batch-size", default=32, show_default=True, type=Int(1), help="sequences per step")
+@click.option("--lr", default=3e-3, show_default=True, type=Float(0, lo_open=True), help="peak learning rate")
+@click.option("--warmup", default=50, show_default=True, type=Int(0), help="linear warmup steps")
+@click.option("--eval-examples", default=64, show_default=True, type=Int(1), help="held-out examples per distance")
+@click.option("--eval-every", default=0, show_default=True, type=Int(0),
+              help="also score the held-out set every N steps (the learning curve)")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the data and initialization")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto: CUDA if available")
+@click.option("--out", type=click.Path(file_okay=False), help="save the checkpoint here (for `ressformer export`)")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="also write the result as JSON here")
+@click.option("--overwrite", is_flag=True, help="replace an existing --json-out file or --out checkpoint")
+@threads_option
+@needs_torch
+def recall(preset, overrides, baseline, max_distance, pairs, steps, batch_size, lr, warmup, eval_examples,
+           eval_every, seed, device, out, json_out, overwrite, threads):
+    """Train on long-range recall through the memory: a key-value record 0..N segments before its
+    query. Reports the held-out accuracy per distance; --out saves the checkpoint to export and
+    evaluate in ONNX Runtime (`ressformer bench --recall EXPORT`)."""
+    from pathlib import Path
+
+    from .recall import train_recall
+
+    overrides = parse_overrides(overrides)
+    make_config(preset, overrides)
+    check_output_file(json_out, overwrite, what="--json-out")
+    if out and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise OptionError(f"--out {out} is not empty (pass --overwrite to replace it)")
+    if out and baseline:
+        raise OptionError("--out saves a ReSSFormer checkpoint for export; the --baseline model is PyTorch-only")
+    set_threads(threads)
+    res = _usage_errors(train_recall, preset=preset, overrides=overrides, max_distance=max_distance,
+                        n_pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                        baseline=baseline, eval_examples=eval_examples, eval_every=eval_every, device=device,
+                        out=out, log=say)
+    click.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}))
     if json_out:
         write_json(json_out, res)
 
