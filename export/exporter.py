@@ -30,7 +30,8 @@ from .spec import UNROLLED_ROLES, graph_specs, unrolled_names
 
 SIDECAR = "ressformer.json"
 FORMAT = "ressformer-export"
-FORMAT_VERSION = 2  # 2: unrolled piece/segment_end graphs, memory keys/values as state, model_sha256
+FORMAT_VERSION = 3  # 2: unrolled piece/segment_end graphs, memory keys/values as state, model_sha256;
+# 3: per-step cache/past inputs of the piece graphs, past as buffers of any capacity, new_k/new_v outputs
 # Generation defaults written to the sidecar (editable: not covered by model_sha256); `generate`
 # uses them unless told otherwise, like the generation configs of ONNX Runtime GenAI / HF.
 GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "max_new_tokens": 200,
