@@ -20,7 +20,7 @@ def test_export_contents(tiny_export):
     assert meta["steps"] == 2 and meta["tokenizer"]["type"] == "bytes"
     assert set(meta["graphs"]) == {"init", "embed", "step", "head", "memory", "piece_k2", "segment_end_k2"}
     assert meta["unrolled"] == {"2": {"piece": "piece_k2", "segment_end": "segment_end_k2"}}
-    assert meta["format_version"] == 2 and len(meta["model_sha256"]) == 64
+    assert meta["format_version"] == 3 and len(meta["model_sha256"]) == 64
     assert json.loads((tiny_export / "validation.json").read_text())["passed"]
     for name, g in meta["graphs"].items():
         path = tiny_export / g["file"]
