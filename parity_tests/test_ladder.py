@@ -145,7 +145,7 @@ def test_decode_rung_catches_bad_kv_cache(model, tiny_export, monkeypatch):
         early = replace(state, pos=state.pos - 1)
         out = real(early, tip, new_k, new_v, T)
         tip.n += 1  # the state claims its rows: only the attention sees the damage
-        return replace(out, pos=state.pos + T)
+        return replace(out, pos=state.pos + T, past_len=(out.past_len + 1) % sess.segment_len)
 
     monkeypatch.setattr(sess, "_appended", off_by_one)
     lad.rung_segment(1, 20)

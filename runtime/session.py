@@ -89,6 +89,7 @@ class RuntimeState:
     batch: int
     path: str
     tip: _Tip | None = _field(default=None, compare=False, repr=False)
+    past_len: int = 0  # rows of the buffers this state holds (= pos mod segment_len; set by the session)
 
     @property
     def steps(self) -> int:
@@ -352,9 +353,8 @@ class ReSSFormerSession:
             if v.ndim != 5 or v.shape[:3] != (S, B, H) or v.shape[4] != D or not P <= cap <= L:
                 raise ValueError(f"state.{name} must have shape {(S, B, H, 'capacity', D)} with {P} <= capacity "
                                  f"<= {L} at pos {s.pos}, got {v.shape}")
-        tip = s.tip
-        if tip is not None and tip.k is s.past_k and tip.n >= 0 and P > tip.n:
-            raise ValueError(f"state.past_k holds {tip.n} keys/values of the segment but pos {s.pos} needs {P}")
+        if s.past_len != P:
+            raise ValueError(f"state.past_k holds {s.past_len} keys/values of the segment but pos {s.pos} needs {P}")
 
     # ---- state ------------------------------------------------------------------------------
     def init_state(self, batch: int = 1, steps: int | None = None, path: str | None = None) -> RuntimeState:
@@ -400,13 +400,14 @@ class ReSSFormerSession:
         P = state.pos % self.segment_len
         tip.k[..., P:P + T, :], tip.v[..., P:P + T, :] = _host(new_k), _host(new_v)
         tip.n = P + T
-        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip)
+        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip,
+                       past_len=(P + T) % self.segment_len)
 
     def _segment_ended(self, state: RuntimeState, memory, mem_k, mem_v, cache_k, cache_v) -> RuntimeState:
         empty = np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32)
         return replace(state, memory=memory, mem_k=mem_k, mem_v=mem_v, cache_k=_host(cache_k),
                        cache_v=_host(cache_v), cache_valid=self.cache_len, past_k=empty, past_v=empty.copy(),
-                       tip=None)
+                       tip=None, past_len=0)
 
     def _dev(self, arr: np.ndarray):
         if self.device == "cpu":

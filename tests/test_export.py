@@ -31,10 +31,16 @@ def test_export_contents(tiny_export):
         assert [i.name for i in m.graph.input] == [i["name"] for i in g["inputs"]]
         if name in ("step", "piece_k2", "segment_end_k2", "memory"):
             ops = {n.op_type for n in m.graph.node if n.domain == "ressformer"}
-            assert "TopKAttention" in ops
+            # the piece graph attends over the parts (format 3): TopK + the sorted normalizer inline
+            assert ("Entmax15Sorted" if name == "piece_k2" else "TopKAttention") in ops
             funcs = {f.name for f in m.functions if f.domain == "ressformer"}
             assert ops <= funcs and "Entmax15" in funcs
             assert ("ressformer", 1) in {(o.domain, o.version) for o in m.opset_import}
+        if name == "piece_k2":  # the segment's keys/values are read, never copied (no Split/Concat/Slice)
+            state = ("past_", "cache_k_", "cache_v_")
+            readers = {n.op_type for n in m.graph.node for i in n.input if i.startswith(state)}
+            assert readers <= {"Shape", "Transpose", "MatMul"}, readers
+            assert [o.name for o in m.graph.output][2:4] == ["new_k", "new_v"]
         if name == "step":
             assert "TopKRoute" in ops
             dims = {d.dim_param for i in m.graph.input for d in i.type.tensor_type.shape.dim}

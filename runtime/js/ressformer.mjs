@@ -534,8 +534,9 @@ export class ReSSFormer {
   /**
    * tokens (B, T) -> { logits: Float32Array (B * T * vocab, row-major), dims: [B, T, vocab], state }. Any T:
    * pieces are cut at segment boundaries and the memory is updated at each segment's end. A state passed
-   * in is not modified. options.logits: 'all' (default) or 'last': only the last position's, dims [B, 1, V]
-   * (a prefill's memory is then bounded by one segment whatever T).
+   * in keeps its values (rows of its buffers past pos mod segment_len may be written: they are ignored).
+   * options.logits: 'all' (default) or 'last': only the last position's, dims [B, 1, V] (a prefill's
+   * memory is then bounded by one segment whatever T).
    */
   async forward(tokens, state = null, { logits: which = 'all' } = {}) {
     if (!['all', 'last'].includes(which)) throw new RangeError(`logits must be 'all' or 'last', got ${which}`);
