@@ -139,12 +139,12 @@ def test_decode_rung_catches_bad_kv_cache(model, tiny_export, monkeypatch):
     sess = lad.sess
     real = sess._appended
 
-    def off_by_one(state, tip, new_k, new_v, T):
+    def off_by_one(state, fed, new_k, new_v, T):
         if state.pos % sess.segment_len == 0:
-            return real(state, tip, new_k, new_v, T)
+            return real(state, fed, new_k, new_v, T)
         early = replace(state, pos=state.pos - 1)
-        out = real(early, tip, new_k, new_v, T)
-        tip.n += 1  # the state claims its rows: only the attention sees the damage
+        out = real(early, fed, new_k, new_v, T)
+        out.tip.n += 1  # the state claims its rows: only the attention sees the damage
         return replace(out, pos=state.pos + T, past_len=(out.past_len + 1) % sess.segment_len)
 
     monkeypatch.setattr(sess, "_appended", off_by_one)

@@ -378,30 +378,37 @@ class ReSSFormerSession:
         P = state.pos % self.segment_len
         return state.past_k[..., :P, :], state.past_v[..., :P, :]
 
-    def _room(self, state: RuntimeState, T: int) -> _Tip:
-        """Buffers for the state's segment with room for T more keys/values after its P: the
-        state's own, claimed, if it is their latest state and they fit; else new ones (capacity
-        doubled, at most segment_len) holding a copy of the P valid rows."""
-        P, L = state.pos % self.segment_len, self.segment_len
+    def _feed(self, state: RuntimeState, T: int) -> tuple:
+        """The buffers a piece of T tokens reads (rows P = pos mod segment_len on are ignored): the
+        state's, claimed for appending in place if the state is the latest one written to them and
+        they have room for the T rows; at a segment's start, new ones (claimed). Returns (k, v, tip
+        or None)."""
         k, v, tip = state.past_k, state.past_v, state.tip
+        if k.shape[3] == 0:
+            cap = min(self.segment_len, max(T, MIN_CAPACITY))
+            nk, nv = (np.zeros((*k.shape[:3], cap, k.shape[4]), np.float32) for _ in range(2))
+            return nk, nv, _Tip(nk, nv, -1)
+        P = state.pos % self.segment_len
         with self._tip_lock:
             if tip is not None and tip.k is k and tip.v is v and tip.n == P and k.shape[3] >= P + T:
                 tip.n = -1  # claimed: a state forked at P now appends into a copy
-                return tip
-        cap = min(L, max(P + T, 2 * k.shape[3], MIN_CAPACITY))
-        shape = (*k.shape[:3], cap, k.shape[4])
-        nk, nv = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        nk[..., :P, :], nv[..., :P, :] = k[..., :P, :], v[..., :P, :]
-        return _Tip(nk, nv, -1)
+                return k, v, tip
+        return k, v, None
 
-    def _appended(self, state: RuntimeState, tip: _Tip, new_k, new_v, T: int) -> RuntimeState:
-        """The state with the piece's T keys/values per step (S, B, H, T, D) written into the buffers
-        at row P (the next segment's empty buffers if the piece ends the segment: segment_end ran)."""
-        P = state.pos % self.segment_len
+    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int) -> RuntimeState:
+        """The state with the piece's T keys/values per step (S, B, H, T, D) written at row P of the
+        claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of
+        the P valid rows: fed first, grown after, so a piece reads at most the capacity it found."""
+        k, v, tip = fed
+        P, L = state.pos % self.segment_len, self.segment_len
+        if tip is None:
+            cap = min(L, max(P + T, 2 * k.shape[3], MIN_CAPACITY))
+            nk, nv = (np.zeros((*k.shape[:3], cap, k.shape[4]), np.float32) for _ in range(2))
+            nk[..., :P, :], nv[..., :P, :] = k[..., :P, :], v[..., :P, :]
+            tip = _Tip(nk, nv, -1)
         tip.k[..., P:P + T, :], tip.v[..., P:P + T, :] = _host(new_k), _host(new_v)
         tip.n = P + T
-        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip,
-                       past_len=(P + T) % self.segment_len)
+        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L)
 
     def _segment_ended(self, state: RuntimeState, memory, mem_k, mem_v, cache_k, cache_v) -> RuntimeState:
         empty = np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32)
@@ -453,21 +460,21 @@ class ReSSFormerSession:
     def _piece_unrolled(self, tokens, state: RuntimeState, diagnostics=None):
         names = self.unrolled[state.steps]
         T, S = tokens.shape[1], state.steps
-        tip = self._room(state, T)
+        fed = pk, pv, _ = self._feed(state, T)
         ck, cv = _host(state.cache_k), _host(state.cache_v)
         feeds = {"tokens": tokens, "pos": np.array(state.pos, np.int64), "conv": state.conv, "mem_k": state.mem_k,
                  "mem_v": state.mem_v, "cache_valid": np.array(state.cache_valid, np.int64)}
         for t in range(S):  # per step: views of the (S, ...) arrays, contiguous, fed without a copy
-            feeds |= {f"cache_k_{t}": ck[t], f"cache_v_{t}": cv[t], f"past_k_{t}": tip.k[t], f"past_v_{t}": tip.v[t]}
+            feeds |= {f"cache_k_{t}": ck[t], f"cache_v_{t}": cv[t], f"past_k_{t}": pk[t], f"past_v_{t}": pv[t]}
         r = self.graphs[names["piece"]].run(
             feeds, None if diagnostics is not None else ["logits", "conv_out", "new_k", "new_v"])
         if diagnostics is not None:
             d = {k: _host(v) for k, v in r.items()}
             diagnostics += [{"attn_idx": d["attn_idx"][t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
                              "new_k": d["new_k"][t]} for t in range(S)]
-        new = replace(self._appended(state, tip, r["new_k"], r["new_v"], T), conv=r["conv_out"])
+        new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
         if new.pos % self.segment_len == 0:  # the buffers hold the whole segment: (S, B, H, L, D)
-            e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": tip.k, "seg_v": tip.v})
+            e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k, "seg_v": new.past_v})
             new = self._segment_ended(new, e["memory_out"], e["mem_k_out"], e["mem_v_out"], e["cache_k_out"],
                                       e["cache_v_out"])
         return r["logits"], new
@@ -492,12 +499,12 @@ class ReSSFormerSession:
             if diagnostics is not None:
                 diagnostics.append({k: _host(v) for k, v in r.items()})
         logits = g["head"].run({"h": h})["logits"]
-        tip = self._room(state, T)
-        new = replace(self._appended(state, tip, np.stack(new_k), np.stack(new_v), T), conv=e["conv_out"])
+        new = replace(self._appended(state, self._feed(state, T), np.stack(new_k), np.stack(new_v), T),
+                      conv=e["conv_out"])
         if new.pos % self.segment_len == 0:  # refine the memory over the steps in order
             mem, ck, cv = new.memory, [], []
             for t in range(state.steps):
-                r = g["memory"].run({"memory": mem, "seg_k": tip.k[t], "seg_v": tip.v[t]})
+                r = g["memory"].run({"memory": mem, "seg_k": new.past_k[t], "seg_v": new.past_v[t]})
                 mem = r["memory_out"]
                 ck.append(_host(r["cache_k_out"]))
                 cv.append(_host(r["cache_v_out"]))

@@ -565,20 +565,20 @@ export class ReSSFormer {
   /** One piece through piece_kK (per step: the cache and the segment's buffer, fed as views, no copy);
    * the piece's new keys/values are appended to the buffers; at a segment's end, segment_end_kK. */
   async #pieceUnrolled(tokens, s) {
-    const T = tokens.dims[1], tip = this.#room(s, T);
+    const T = tokens.dims[1], fed = this.#feed(s, T);
     const feeds = {
       tokens, pos: this.#int64(s.pos), conv: s.conv, mem_k: s.memK, mem_v: s.memV, cache_valid: this.#int64(s.cacheValid),
     };
     for (let t = 0; t < this.steps; t++) {
       feeds[`cache_k_${t}`] = this.#slice(s.cacheK, t);
       feeds[`cache_v_${t}`] = this.#slice(s.cacheV, t);
-      feeds[`past_k_${t}`] = this.#slice(tip.K, t);
-      feeds[`past_v_${t}`] = this.#slice(tip.V, t);
+      feeds[`past_k_${t}`] = this.#slice(fed.K, t);
+      feeds[`past_v_${t}`] = this.#slice(fed.V, t);
     }
     const r = await this.graphs.piece.run(feeds, ['logits', 'conv_out', 'new_k', 'new_v']);
-    s = { ...this.#appended(s, tip, r.new_k.data, r.new_v.data, T), conv: r.conv_out };
+    s = { ...this.#appended(s, fed, r.new_k.data, r.new_v.data, T), conv: r.conv_out };
     if (s.pos % this.segmentLen === 0) { // the segment is complete: the buffers hold it, (S, B, H, L, D)
-      const e = await this.graphs.end.run({ memory: s.memory, seg_k: tip.K, seg_v: tip.V });
+      const e = await this.graphs.end.run({ memory: s.memory, seg_k: s.pastK, seg_v: s.pastV });
       s = { ...s, memory: e.memory_out, memK: e.mem_k_out, memV: e.mem_v_out, cacheK: e.cache_k_out,
         cacheV: e.cache_v_out, ...this.#emptySegment(s) };
     }
@@ -603,13 +603,12 @@ export class ReSSFormer {
       nv.push(this.#rows(r.present_v, P, P + T));
     }
     const logits = (await g.head.run({ h })).logits.data;
-    const tip = this.#room(s, T);
-    s = { ...this.#appended(s, tip, this.#stack(nk).data, this.#stack(nv).data, T), conv: e.conv_out };
+    s = { ...this.#appended(s, this.#feed(s, T), this.#stack(nk).data, this.#stack(nv).data, T), conv: e.conv_out };
     if (s.pos % this.segmentLen === 0) {
       let memory = s.memory;
       const ck = [], cv = [];
       for (let t = 0; t < this.steps; t++) {
-        const r = await g.memory.run({ memory, seg_k: this.#slice(tip.K, t), seg_v: this.#slice(tip.V, t) },
+        const r = await g.memory.run({ memory, seg_k: this.#slice(s.pastK, t), seg_v: this.#slice(s.pastV, t) },
           ['memory_out', 'cache_k_out', 'cache_v_out']);
         memory = r.memory_out;
         ck.push(r.cache_k_out);
@@ -628,28 +627,39 @@ export class ReSSFormer {
     return new this.ort.Tensor('float32', out, [...x.dims.slice(0, -2), to - from, D]);
   }
 
-  /** Buffers (S, B, H, capacity, D) for the state's segment with room for T more keys/values after
-   * its P = pos mod segment_len: the state's own, claimed, if the state is the latest written to them
-   * and they fit; else new ones (capacity doubled, at most segment_len) holding a copy of the P valid
-   * rows. So a state stays a value: advancing an older state again appends into a copy. */
-  #room(s, T) {
-    const L = this.segmentLen, P = s.pos % L, [S, B, H, cap0, D] = s.pastK.dims, tip = s.tip;
-    if (tip && tip.K === s.pastK && tip.V === s.pastV && tip.n === P && cap0 >= P + T) {
-      tip.n = -1; // claimed until the piece's rows are written
-      return tip;
+  /** The buffers (S, B, H, capacity, D) a piece of T tokens reads (rows P = pos mod segment_len on are
+   * ignored): the state's, claimed for appending in place if the state is the latest one written to
+   * them and they have room; at a segment's start, new ones. Returns { K, V, tip (or null) }. */
+  #feed(s, T) {
+    const [S, B, H, cap, D] = s.pastK.dims, tip = s.tip, P = s.pos % this.segmentLen;
+    if (cap === 0) {
+      const c = Math.min(this.segmentLen, Math.max(T, MIN_CAPACITY)), dims = [S, B, H, c, D];
+      const fresh = { K: this.#zeros(dims), V: this.#zeros(dims), n: -1 };
+      return { K: fresh.K, V: fresh.V, tip: fresh };
     }
-    const cap = Math.min(L, Math.max(P + T, 2 * cap0, MIN_CAPACITY));
-    const copy = (src) => {
-      const dst = new Float32Array(S * B * H * cap * D);
-      for (let r = 0; r < S * B * H; r++) dst.set(src.subarray(r * cap0 * D, (r * cap0 + P) * D), r * cap * D);
-      return new this.ort.Tensor('float32', dst, [S, B, H, cap, D]);
-    };
-    return { K: copy(s.pastK.data), V: copy(s.pastV.data), n: -1 };
+    if (tip && tip.K === s.pastK && tip.V === s.pastV && tip.n === P && cap >= P + T) {
+      tip.n = -1; // claimed until the piece's rows are written: a state forked at P appends into a copy
+      return { K: s.pastK, V: s.pastV, tip };
+    }
+    return { K: s.pastK, V: s.pastV, tip: null };
   }
 
-  /** The state advanced by a piece of T tokens whose keys/values (S, B, H, T, D) go to rows P.. of the buffers. */
-  #appended(s, tip, newK, newV, T) {
-    const [S, B, H, cap, D] = tip.K.dims, P = s.pos % this.segmentLen;
+  /** The state advanced by a piece of T tokens whose keys/values (S, B, H, T, D) go to rows P.. of the
+   * claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of the P
+   * valid rows. So a state keeps its values: advancing an older state again appends into a copy. */
+  #appended(s, fed, newK, newV, T) {
+    const L = this.segmentLen, P = s.pos % L;
+    let tip = fed.tip;
+    if (!tip) {
+      const [S, B, H, cap0, D] = fed.K.dims, cap = Math.min(L, Math.max(P + T, 2 * cap0, MIN_CAPACITY));
+      const copy = (src) => {
+        const dst = new Float32Array(S * B * H * cap * D);
+        for (let r = 0; r < S * B * H; r++) dst.set(src.subarray(r * cap0 * D, (r * cap0 + P) * D), r * cap * D);
+        return new this.ort.Tensor('float32', dst, [S, B, H, cap, D]);
+      };
+      tip = { K: copy(fed.K.data), V: copy(fed.V.data), n: -1 };
+    }
+    const [S, B, H, cap, D] = tip.K.dims;
     for (let r = 0; r < S * B * H; r++) {
       tip.K.data.set(newK.subarray(r * T * D, (r + 1) * T * D), (r * cap + P) * D);
       tip.V.data.set(newV.subarray(r * T * D, (r + 1) * T * D), (r * cap + P) * D);
