@@ -67,9 +67,10 @@ class RuntimeState:
     (unrolled path; None on the steps path, whose graphs compute them); cache_k/v (S, B, H, C, D):
     the previous segment's last C keys/values at each step; past_k/v (S, B, H, capacity, D): buffers
     of the current segment's keys/values whose first P = pos mod segment_len rows are valid
-    (P <= capacity <= segment_len; `past(state)` gives the valid rows). conv, memory and mem_k/v are
-    numpy arrays on CPU and OrtValues on CUDA; the caches and buffers are numpy arrays (host memory)
-    everywhere. `owner` ties the state to one model; `path` to the graphs that advance it.
+    (P <= capacity <= segment_len; past_len = P; `ReSSFormerSession.past(state)` gives the valid
+    rows). conv, memory and mem_k/v are numpy arrays on CPU and OrtValues on CUDA; the caches and
+    buffers are numpy arrays (host memory) everywhere. `owner` ties the state to one model; `path`
+    to the graphs that advance it.
 
     A session appends a piece's keys/values into the buffers in place when the state is the latest
     one written to them (`tip`), else into a copy: states stay values (advancing an older state
