@@ -315,7 +315,7 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             wrapper.eval(), args, input_names=[i.name for i in spec.inputs],
-            output_names=[o.name for o in spec.outputs], dynamic_shapes=spec.dynamic_shapes(),
+            output_names=[o.name for o in spec.outputs], dynamic_shapes=_shared_capacity(spec.dynamic_shapes()),
             dynamo=True, opset_version=opset, optimize=True, verbose=False)
     proto = prog.model_proto
     if any(n.domain == ort_moe.DOMAIN for n in _nodes(proto.graph)) and \
@@ -334,6 +334,14 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
     _name_dynamic_axes(proto, spec)
     check_normalizers(proto)
     return proto
+
+
+def _shared_capacity(shapes: dict) -> dict:
+    """The per-step buffers' `capacity` axis as ONE symbol (the runtime feeds equal capacities): the
+    piece graph then builds its attention mask once for all steps, not once per step."""
+    cap = torch.export.Dim("capacity")
+    return {k: [{i: cap if a == "capacity" else a for i, a in d.items()} for d in v] if isinstance(v, list)
+            else v for k, v in shapes.items()}
 
 
 def _name_dynamic_axes(proto, spec):

@@ -96,20 +96,11 @@ class Piece(nn.Module):
                                                  past_k[t], past_v[t], pos, (mem_k, mem_v), past_len=P)
             ks.append(k)
             vs.append(v)
-            idxs.append(_reference_index(idx, cfg.mem_slots + cfg.cache_len, past_k[t].shape[-2], P))
+            idxs.append(idx)
             ws.append(w)
             exps.append(experts)
         return (m.head(h), conv_out, torch.stack(ks), torch.stack(vs), torch.stack(idxs), torch.stack(ws),
                 torch.stack(exps))
-
-
-def _reference_index(idx, before: int, cap, P):
-    """Diagnostics: attention indices over (memory, cache, buffer of cap rows, piece) renumbered
-    as over (memory, cache, the P valid rows, piece), PyTorch's numbering; a pick of an ignored
-    buffer row (weight 0: fewer candidates than top_k) becomes -1."""
-    piece = idx >= before + cap
-    ignored = (idx >= before + P) & ~piece
-    return torch.where(piece, idx - (cap - P), torch.where(ignored, -1, idx))
 
 
 class SegmentEnd(nn.Module):

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import torch
 from ressformer.export.ops import DOMAIN, OPSET_VERSION
 from ressformer.runtime import ReSSFormerSession
+from ressformer.runtime.session import reference_index
 from ressformer.runtime.sidecar import read_sidecar
 
 from ressformer import ops as tops
@@ -386,8 +387,9 @@ class Ladder:
                       f"past_k_{t}": buf(st.past_k[t]), f"past_v_{t}": buf(st.past_v[t])}
         r = sess.graphs[graph].run(feeds)
         n_flips, margins = 0, []
+        idx = reference_index(r["attn_idx"], self.cfg.mem_slots + self.cfg.cache_len, cap, P)
         for t in range(steps):
-            kf, km = key_flips(rec.attn[t], r["attn_idx"][t], self.scale, self.cfg.top_k)
+            kf, km = key_flips(rec.attn[t], idx[t], self.scale, self.cfg.top_k)
             ef, em = expert_flips(rec.moe[t], r["experts"][t])
             n_flips += int(kf.sum() + ef.sum())
             margins += list(km) + list(em)

@@ -488,11 +488,10 @@ def topk_attention_parts(q, ks, vs, mask, top_k: int, normalizer: str, scale: fl
     val, idx = sc.topk(kk, dim=-1) if _exporting() else topk_lower_index(sc, kk)  # ONNX TopK: ties to the lower index
     w = _sorted_normalizer(val, normalizer)
     dense = torch.zeros_like(sc).scatter(-1, idx, w)
-    out, a = None, 0
-    for v in vs:
-        b = a + v.shape[-2]
-        o = torch.matmul(dense[..., a:b], v)
-        out, a = (o if out is None else out + o), b
+    out = None
+    for d, v in zip(dense.split([v.shape[-2] for v in vs], -1), vs):  # one Split node
+        o = torch.matmul(d, v)
+        out = o if out is None else out + o
     return out, idx, w
 
 

@@ -471,7 +471,9 @@ class ReSSFormerSession:
             feeds, None if diagnostics is not None else ["logits", "conv_out", "new_k", "new_v"])
         if diagnostics is not None:
             d = {k: _host(v) for k, v in r.items()}
-            diagnostics += [{"attn_idx": d["attn_idx"][t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
+            idx = reference_index(d["attn_idx"], self.mem_slots + self.cache_len, pk.shape[3],
+                                  state.pos % self.segment_len)
+            diagnostics += [{"attn_idx": idx[t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
                              "new_k": d["new_k"][t]} for t in range(S)]
         new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
         if new.pos % self.segment_len == 0:  # the buffers hold the whole segment: (S, B, H, L, D)
@@ -647,6 +649,16 @@ class ReSSFormerSession:
             nll -= float(np.take_along_axis(lp[:-1], ids[0, 1:, None], 1).sum())
             count += ids.shape[1] - 1
         return lp[-1], state, nll, count
+
+
+def reference_index(idx: np.ndarray, before: int, capacity: int, P: int) -> np.ndarray:
+    """A piece graph's attn_idx, which numbers keys over (memory, cache: `before` rows, the buffer of
+    `capacity` rows, the piece), renumbered over (memory, cache, the P valid rows, the piece) as
+    PyTorch's attention numbers them; a pick of an ignored buffer row (weight 0: fewer candidates
+    than top_k) becomes -1."""
+    piece = idx >= before + capacity
+    ignored = (idx >= before + P) & ~piece
+    return np.where(piece, idx - (capacity - P), np.where(ignored, -1, idx))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
