@@ -30,7 +30,8 @@ from .spec import UNROLLED_ROLES, graph_specs, unrolled_names
 
 SIDECAR = "ressformer.json"
 FORMAT = "ressformer-export"
-FORMAT_VERSION = 2  # 2: unrolled piece/segment_end graphs, memory keys/values as state, model_sha256
+FORMAT_VERSION = 3  # 2: unrolled piece/segment_end graphs, memory keys/values as state, model_sha256;
+# 3: per-step cache/past inputs of the piece graphs, past as buffers of any capacity, new_k/new_v outputs
 # Generation defaults written to the sidecar (editable: not covered by model_sha256); `generate`
 # uses them unless told otherwise, like the generation configs of ONNX Runtime GenAI / HF.
 GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "max_new_tokens": 200,
@@ -328,7 +329,7 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             wrapper.eval(), args, input_names=[i.name for i in spec.inputs],
-            output_names=[o.name for o in spec.outputs], dynamic_shapes=spec.dynamic_shapes(),
+            output_names=[o.name for o in spec.outputs], dynamic_shapes=_shared_capacity(spec.dynamic_shapes()),
             dynamo=True, opset_version=opset, optimize=True, verbose=False)
     proto = prog.model_proto
     if any(n.domain == ort_moe.DOMAIN for n in _nodes(proto.graph)) and \
@@ -347,6 +348,14 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
     _name_dynamic_axes(proto, spec)
     check_normalizers(proto)
     return proto
+
+
+def _shared_capacity(shapes: dict) -> dict:
+    """The per-step buffers' `capacity` axis as ONE symbol (the runtime feeds equal capacities): the
+    piece graph then builds its attention mask once for all steps, not once per step."""
+    cap = torch.export.Dim("capacity")
+    return {k: [{i: cap if a == "capacity" else a for i, a in d.items()} for d in v] if isinstance(v, list)
+            else v for k, v in shapes.items()}
 
 
 def _name_dynamic_axes(proto, spec):

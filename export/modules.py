@@ -73,7 +73,13 @@ class Memory(nn.Module):
 
 class Piece(nn.Module):
     """A piece of a segment through the whole model with K steps unrolled: embed, K applications of
-    the shared block (the memory's keys/values given, computed once per segment), head."""
+    the shared block (the memory's keys/values given, computed once per segment), head.
+
+    Runtime contract v3: the caches and the segment's keys/values come per step (lists of K tensors,
+    graph inputs cache_k_0.., past_k_0..), past_k[t] a buffer (B, H, capacity, D) whose first
+    pos mod segment_len rows are valid (the rest ignored), so the runtime feeds its buffers
+    without a copy; the outputs are only the piece's new keys/values (S, B, H, T, D), which the
+    runtime appends. Attention runs over the parts (never concatenated)."""
 
     def __init__(self, model: ReSSFormer, steps: int):
         super().__init__()
@@ -81,19 +87,19 @@ class Piece(nn.Module):
 
     def forward(self, tokens, pos, conv, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v):
         m = self.model
+        cfg = m.config
+        P = pos % cfg.segment_len  # valid rows of each past buffer
         h, conv_out = m.embed_tokens(tokens, conv, pos)  # (B, T, d)
         ks, vs, idxs, ws, exps = [], [], [], [], []
         for t in range(self.steps):
             h, k, v, idx, w, experts, _ = m.step(t, h, None, cache_k[t], cache_v[t], cache_valid,
-                                                 past_k[t], past_v[t], pos, (mem_k, mem_v))
+                                                 past_k[t], past_v[t], pos, (mem_k, mem_v), past_len=P)
             ks.append(k)
             vs.append(v)
             idxs.append(idx)
             ws.append(w)
             exps.append(experts)
-        present_k = torch.cat([past_k, torch.stack(ks)], -2)  # (S, B, H, P + T, D)
-        present_v = torch.cat([past_v, torch.stack(vs)], -2)
-        return (m.head(h), conv_out, present_k, present_v, torch.stack(idxs), torch.stack(ws),
+        return (m.head(h), conv_out, torch.stack(ks), torch.stack(vs), torch.stack(idxs), torch.stack(ws),
                 torch.stack(exps))
 
 
@@ -147,8 +153,9 @@ def example_inputs(name: str, cfg, batch: int = 2, length: int = 3, past: int = 
         return (r(batch, m, d), r(batch, H, seg, D), r(batch, H, seg, D))
     if name.startswith("piece_k"):
         S, P = int(name.rsplit("_k", 1)[1]), past
-        return (tok, torch.tensor(5), r(batch, w, d), r(batch, H, m, D), r(batch, H, m, D), r(S, batch, H, C, D),
-                r(S, batch, H, C, D), torch.tensor(C), r(S, batch, H, P, D), r(S, batch, H, P, D))
+        per_step = lambda n: [r(batch, H, n, D) for _ in range(S)]  # noqa: E731
+        return (tok, torch.tensor(5), r(batch, w, d), r(batch, H, m, D), r(batch, H, m, D), per_step(C),
+                per_step(C), torch.tensor(C), per_step(P), per_step(P))
     if name.startswith("segment_end_k"):
         S = int(name[len("segment_end_k"):])
         seg = max(cfg.top_k, cfg.cache_len, 4) + 1

@@ -1,7 +1,8 @@
 """Declarative export spec: which graphs are written, their inputs/outputs and named dynamic axes.
 
 Axis names: batch, length (tokens of the piece), past (keys/values of the current segment so far),
-segment (a finished segment's keys/values). Integers are static sizes from the config.
+capacity (rows of a per-step buffer of the segment's keys/values, at least the valid ones), segment
+(a finished segment's keys/values). Integers are static sizes from the config.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ class GraphSpec:
     doc: str
 
     def dynamic_shapes(self) -> dict:
-        return {io.name: {i: s for i, s in enumerate(io.shape) if isinstance(s, str)} for io in self.inputs}
+        """Per input of the traced module: its named dynamic axes; per-step inputs NAME_0, NAME_1, ...
+        (PER_STEP) are one list argument NAME of the module."""
+        out = {}
+        for io in self.inputs:
+            axes = {i: s for i, s in enumerate(io.shape) if isinstance(s, str)}
+            base, _, t = io.name.rpartition("_")
+            if base in PER_STEP and t.isdigit():
+                out.setdefault(base, []).append(axes)
+            else:
+                out[io.name] = axes
+        return out
 
     def to_json(self) -> dict:
         def j(io):
@@ -44,6 +55,7 @@ def unrolled_names(steps: int) -> tuple[str, str]:
 
 
 STEP_GRAPHS = ("embed", "step", "head", "memory")
+PER_STEP = ("cache_k", "cache_v", "past_k", "past_v")  # the piece graphs' per-step inputs (contract v3)
 
 
 def graph_specs(cfg, steps_list=(None,), step_graphs: bool = True) -> dict[str, GraphSpec]:
@@ -90,19 +102,22 @@ def graph_specs(cfg, steps_list=(None,), step_graphs: bool = True) -> dict[str, 
         skv = lambda n, ax, S=S: IO(n, f, (S, "batch", H, ax, D))  # noqa: E731
         piece, end = unrolled_names(S)
         ins = (IO("tokens", i64, ("batch", "length")), IO("pos", i64, ()), IO("conv", f, ("batch", w, d)),
-               kv("mem_k", m), kv("mem_v", m), skv("cache_k", C), skv("cache_v", C),
-               IO("cache_valid", i64, ()), skv("past_k", "past"), skv("past_v", "past"))
+               kv("mem_k", m), kv("mem_v", m), *(kv(f"cache_k_{t}", C) for t in range(S)),
+               *(kv(f"cache_v_{t}", C) for t in range(S)), IO("cache_valid", i64, ()),
+               *(kv(f"past_k_{t}", "capacity") for t in range(S)), *(kv(f"past_v_{t}", "capacity") for t in range(S)))
         outs = (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
-                skv("present_k", "present"), skv("present_v", "present"),
+                skv("new_k", "length"), skv("new_v", "length"),
                 IO("attn_idx", i64, (S, "batch", H, "length", "topk")),
                 IO("attn_w", f, (S, "batch", H, "length", "topk")),
                 IO("experts", i64, (S, "batch", "length", cfg.top_e)))
         specs += [
             GraphSpec(piece, f"{piece}.onnx", ins, outs,
                       f"a piece of a segment (up to the rest of the segment) through embedding, K={S} "
-                      "unrolled steps and the head in one run; present = past followed by the piece's "
-                      "keys/values (present = past + length); attn_idx/attn_w/experts are diagnostics "
-                      "(parity flip accounting)"),
+                      "unrolled steps and the head in one run; per step t the token cache (cache_k_t) and "
+                      "a buffer of the segment's keys/values (past_k_t, capacity >= pos mod segment_len "
+                      "rows, the first pos mod segment_len valid, the rest ignored); new_k/new_v: the "
+                      "piece's keys/values only (the caller appends them at row pos mod segment_len); "
+                      "attn_idx/attn_w/experts are diagnostics (parity flip accounting)"),
             GraphSpec(end, f"{end}.onnx",
                       (IO("memory", f, ("batch", m, d)), skv("seg_k", "segment"), skv("seg_v", "segment")),
                       (IO("memory_out", f, ("batch", m, d)), kv("mem_k_out", m), kv("mem_v_out", m),

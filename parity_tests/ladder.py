@@ -29,6 +29,7 @@ import onnxruntime as ort
 import torch
 from ressformer.export.ops import DOMAIN, OPSET_VERSION
 from ressformer.runtime import ReSSFormerSession
+from ressformer.runtime.session import reference_index
 from ressformer.runtime.sidecar import read_sidecar
 
 from ressformer import ops as tops
@@ -377,13 +378,18 @@ class Ladder:
         with torch.no_grad(), Recorder(model) as rec:
             out = model(torch.from_numpy(x), st, steps=steps)
             mk, mv = model.blocks[0].memory_kv(st.memory)
-        r = sess.graphs[graph].run({
-            "tokens": x, "pos": np.array(st.pos), "conv": st.conv.numpy(), "mem_k": mk.numpy(),
-            "mem_v": mv.numpy(), "cache_k": st.cache_k.numpy(), "cache_v": st.cache_v.numpy(),
-            "cache_valid": np.array(st.cache_valid), "past_k": st.past_k.numpy(), "past_v": st.past_v.numpy()})
-        n_flips, margins = 0, []
+        P, cap = st.pos % self.cfg.segment_len, self.cfg.segment_len  # the past in buffers of a whole segment
+        buf = lambda a: np.concatenate([a.numpy(), np.zeros((*a.shape[:-2], cap - P, a.shape[-1]), np.float32)], -2)  # noqa: E731
+        feeds = {"tokens": x, "pos": np.array(st.pos), "conv": st.conv.numpy(), "mem_k": mk.numpy(),
+                 "mem_v": mv.numpy(), "cache_valid": np.array(st.cache_valid)}
         for t in range(steps):
-            kf, km = key_flips(rec.attn[t], r["attn_idx"][t], self.scale, self.cfg.top_k)
+            feeds |= {f"cache_k_{t}": st.cache_k[t].numpy(), f"cache_v_{t}": st.cache_v[t].numpy(),
+                      f"past_k_{t}": buf(st.past_k[t]), f"past_v_{t}": buf(st.past_v[t])}
+        r = sess.graphs[graph].run(feeds)
+        n_flips, margins = 0, []
+        idx = reference_index(r["attn_idx"], self.cfg.mem_slots + self.cfg.cache_len, cap, P)
+        for t in range(steps):
+            kf, km = key_flips(rec.attn[t], idx[t], self.scale, self.cfg.top_k)
             ef, em = expert_flips(rec.moe[t], r["experts"][t])
             n_flips += int(kf.sum() + ef.sum())
             margins += list(km) + list(em)
@@ -394,10 +400,8 @@ class Ladder:
                                flips=n_flips, max_flip_margin=mx, note="selection flips: numbers not compared"))
             return row
         self.add(compare("step", case, "logits", r["logits"], out.logits.numpy(), self.tol["step"]))
-        pk = torch.cat([st.past_k, out.state.past_k[..., st.past_k.shape[-2]:, :]], -2) \
-            if out.state.pos % self.cfg.segment_len else None
-        if pk is not None:
-            self.add(compare("step", case, "present_k", r["present_k"], pk.numpy(), self.tol["step"]))
+        if out.state.pos % self.cfg.segment_len:
+            self.add(compare("step", case, "new_k", r["new_k"], out.state.past_k[..., P:, :].numpy(), self.tol["step"]))
 
     def rung_segment(self, batch, length, seed=0, steps=None, path=None):
         steps = steps or self.cfg.n_steps

@@ -132,25 +132,22 @@ def test_stream_rung_catches_cache_off_by_one(model, tiny_export, monkeypatch):
 
 
 def test_decode_rung_catches_bad_kv_cache(model, tiny_export, monkeypatch):
-    """A runtime that drops the oldest key/value of the current segment while decoding: the
-    segment rung (one piece, no past) passes, the decode rung fails. (The dropped key/value is put
-    back into the state it returns, so that the state stays well-formed for the next call's
-    validation: only the attention of each step misses it.)"""
+    """A runtime that appends a piece's keys/values one row too early into the segment's buffers
+    (over the newest key/value, leaving the last row empty): the segment rung (one piece, no past)
+    passes, the decode rung fails."""
     lad = Ladder(model, tiny_export)
-    real = lad.sess._piece_unrolled
+    sess = lad.sess
+    real = sess._appended
 
-    def off_by_one(tokens, state, diagnostics=None):
-        if state.past_k.shape[-2] <= 1:
-            return real(tokens, state, diagnostics)
-        k0, v0 = state.past_k[..., :1, :], state.past_v[..., :1, :]
-        logits, new = real(tokens, replace(state, past_k=state.past_k[..., 1:, :], past_v=state.past_v[..., 1:, :]),
-                           diagnostics)
-        if new.past_k.shape[-2] == 0:  # the segment ended: its keys/values went to the caches
-            return logits, new
-        return logits, replace(new, past_k=np.concatenate([k0, new.past_k], -2),
-                               past_v=np.concatenate([v0, new.past_v], -2))
+    def off_by_one(state, fed, new_k, new_v, T):
+        if state.pos % sess.segment_len == 0:
+            return real(state, fed, new_k, new_v, T)
+        early = replace(state, pos=state.pos - 1)
+        out = real(early, fed, new_k, new_v, T)
+        out.tip.n += 1  # the state claims its rows: only the attention sees the damage
+        return replace(out, pos=state.pos + T, past_len=(out.past_len + 1) % sess.segment_len)
 
-    monkeypatch.setattr(lad.sess, "_piece_unrolled", off_by_one)
+    monkeypatch.setattr(sess, "_appended", off_by_one)
     lad.rung_segment(1, 20)
     assert lad.report.passed
     lad.rung_decode(1, 20)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ReSSFormerConfig
-from .ops import _exporting, topk_attention, topk_route
+from .ops import _exporting, topk_attention, topk_attention_parts, topk_route
 
 
 class RMSNorm(nn.Module):
@@ -102,13 +102,15 @@ class Attention(nn.Module):
         _, k, v = self.qkv(x).chunk(3, dim=-1)
         return self.heads(k), self.heads(v)
 
-    def forward(self, x, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, pos):
+    def forward(self, x, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, pos, past_len=None):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = (self.heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, D)
         if cfg.pos_encoding == "rope":
             p = pos + torch.arange(T, device=x.device)
             q, k = rope(q, p, cfg.rope_base), rope(k, p, cfg.rope_base)
+        if past_len is not None:  # past_k/v: a buffer whose first past_len rows are the segment so far
+            return self._forward_parts(q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len)
         P, C, m = past_k.shape[-2], cache_k.shape[-2], mem_k.shape[-2]
         keys = torch.cat([mem_k, cache_k, past_k, k], dim=-2)  # (B, H, m + C + P + T, D)
         vals = torch.cat([mem_v, cache_v, past_v, v], dim=-2)
@@ -132,6 +134,26 @@ class Attention(nn.Module):
                                          1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
         if self.record is not None:
             self.record.append({"q": q.detach(), "keys": keys.detach(), "mask": mask, "idx": idx, "w": w.detach()})
+        out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
+        return self.proj(out), k, v, idx, w
+
+
+    def _forward_parts(self, q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len):
+        """The exported piece's attention (runtime contract v3): the keys/values stay in their parts
+        (memory, cache, the segment's buffer of which the first past_len rows are valid, the piece);
+        the same selection and numbers as forward's concatenation. idx numbers the concatenation of
+        the parts (buffer rows included)."""
+        cfg = self.cfg
+        B, H, T, _ = q.shape
+        C, cap, m, dev = cache_k.shape[-2], past_k.shape[-2], mem_k.shape[-2], q.device
+        mask = torch.cat([
+            torch.ones(T, m, dtype=torch.bool, device=dev),
+            (torch.arange(C, device=dev) >= (C - cache_valid))[None, :].expand(T, C),
+            (torch.arange(cap, device=dev) < past_len)[None, :].expand(T, cap),
+            torch.ones(T, T, dtype=torch.bool, device=dev).tril(),
+        ], dim=1)
+        out, idx, w = topk_attention_parts(q, [mem_k, cache_k, past_k, k], [mem_v, cache_v, past_v, v], mask,
+                                           cfg.top_k, cfg.normalizer, 1.0 / math.sqrt(cfg.head_dim), parts=True)
         out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.proj(out), k, v, idx, w
 
@@ -255,10 +277,10 @@ class Block(nn.Module):
         segment needs them once for all its tokens and (shared block) all its K steps."""
         return self.attn.kv(self.norm1(mem))
 
-    def forward(self, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None):
+    def forward(self, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None, past_len=None):
         mem_k, mem_v = self.memory_kv(mem) if mem_kv is None else mem_kv  # (B, H, m, D)
         a, k, v, idx, w = self.attn(self.norm1(h), mem_k, mem_v, cache_k, cache_v, cache_valid,
-                                    past_k, past_v, pos)
+                                    past_k, past_v, pos, past_len)
         h = h + a
         f, experts, aux = self.moe(self.norm2(h))
         return h + f, k, v, idx, w, experts, aux
@@ -348,11 +370,14 @@ class ReSSFormer(nn.Module):
             h = h + xc[:, kc - 1 - j: kc - 1 - j + T] * self.conv[j]
         return h, xc[:, xc.shape[1] - (kc - 1):]
 
-    def step(self, t: int, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None):
+    def step(self, t: int, h, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv=None,
+             past_len=None):
         """One recurrent step: H^(t+1) from H^(t); also returns this piece's keys/values.
-        mem_kv: the memory's keys/values if already computed (Block.memory_kv)."""
+        mem_kv: the memory's keys/values if already computed (Block.memory_kv). past_len: past_k/v
+        are a buffer whose first past_len rows are the segment so far (the export's layout)."""
         emb_t = self.step_embed.weight[min(t, self.config.n_steps - 1)]
-        return self.block_for(t)(h + emb_t, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv)
+        return self.block_for(t)(h + emb_t, mem, cache_k, cache_v, cache_valid, past_k, past_v, pos, mem_kv,
+                                 past_len)
 
     def head(self, h):
         return self.norm_f(h) @ self.embed.weight.t()  # tied output head, (B, T, V)

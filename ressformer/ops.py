@@ -469,6 +469,41 @@ def topk_attention(q, k, v, mask, top_k: int, normalizer: str, scale: float, chu
     return _topk_attention_op(q, k, v, mask, int(top_k), normalizer, float(scale), int(chunk))
 
 
+def topk_attention_parts(q, ks, vs, mask, top_k: int, normalizer: str, scale: float, chunk: int = 0,
+                         parts: bool | None = None):
+    """`topk_attention` over keys/values given as parts along the key axis (memory, cache, the
+    segment's buffer, the piece's own): the same numbers as over their concatenation. Under ONNX
+    export (or parts=True) the parts are never concatenated: each part's scores are computed
+    on its own and only the (B, H, T, N) scores are concatenated; the top-k runs over them (sorted,
+    ties: lower index, so the concatenation's order decides ties as before), and the output sums
+    the weights of each part's slice times that part's values. mask (T, N) over the concatenation."""
+    if parts is None:
+        parts = _exporting()
+    if not parts:
+        return topk_attention(q, torch.cat(ks, -2), torch.cat(vs, -2), mask, top_k, normalizer, scale, chunk)
+    sc = torch.cat([torch.matmul(q, k.transpose(-1, -2)) for k in ks], -1) * scale  # (B, H, T, N)
+    sc = sc + torch.where(mask, 0.0, float("-inf")).to(sc.dtype)  # additive 0/-inf bias, as TopKAttention
+    N = sc.shape[-1]
+    kk = N if top_k <= 0 else torch.sym_min(top_k, N)
+    val, idx = sc.topk(kk, dim=-1) if _exporting() else topk_lower_index(sc, kk)  # ONNX TopK: ties to the lower index
+    w = _sorted_normalizer(val, normalizer)
+    dense = torch.zeros_like(sc).scatter(-1, idx, w)
+    out = None
+    for d, v in zip(dense.split([v.shape[-2] for v in vs], -1), vs):  # one Split node
+        o = torch.matmul(d, v)
+        out = o if out is None else out + o
+    return out, idx, w
+
+
+def _sorted_normalizer(val, normalizer: str):
+    """The normalizer on TopK's sorted values: one `ressformer::<Op>Sorted` node under export."""
+    if _exporting():
+        name = {"entmax15": "Entmax15Sorted", "sparsemax": "SparsemaxSorted", "softmax": "SafeSoftmax"}[normalizer]
+        return torch.onnx.ops.symbolic(f"ressformer::{name}", (val,), {}, dtype=val.dtype, shape=val.shape,
+                                       version=OPSET_VERSION)
+    return KERNELS[normalizer](val, presorted=True)
+
+
 def topk_route(logits: torch.Tensor, k: int):
     """Returns (gates, experts), each (..., k)."""
     if _exporting():

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from dataclasses import field as _field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,10 @@ PATHS = ("unrolled", "steps")
 # prompt's length (base, int4, 2,048-token prompt: peak RSS 975 MB in 1,024-token pieces, 353 MB in
 # 128-token pieces, prefill time +9%; docs/performance.md). The logits do not depend on the cut.
 MAX_PIECE = 128
+# The per-step buffers of a segment's keys/values start with this many rows and double when a piece
+# does not fit (at most segment_len): the attention reads the whole buffer (rows past P are
+# ignored), so a small one keeps decode at a segment's start cheap; growing copies ~1 row per token.
+MIN_CAPACITY = 64
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -60,9 +65,16 @@ class RuntimeState:
     """Explicit recurrent state (docs/runtime-contract.md). pos: tokens consumed; conv
     (B, kernel-1, d); memory (B, m, d); mem_k/mem_v (B, H, m, D): the memory's keys/values
     (unrolled path; None on the steps path, whose graphs compute them); cache_k/v (S, B, H, C, D):
-    the previous segment's last C keys/values at each step; past_k/v (S, B, H, P, D): the current
-    segment's so far. Values are numpy arrays on CPU and OrtValues on CUDA. `owner` ties the state
-    to one model; `path` to the graphs that advance it."""
+    the previous segment's last C keys/values at each step; past_k/v (S, B, H, capacity, D): buffers
+    of the current segment's keys/values whose first P = pos mod segment_len rows are valid
+    (P <= capacity <= segment_len; past_len = P; `ReSSFormerSession.past(state)` gives the valid
+    rows). conv, memory and mem_k/v are numpy arrays on CPU and OrtValues on CUDA; the caches and
+    buffers are numpy arrays (host memory) everywhere. `owner` ties the state to one model; `path`
+    to the graphs that advance it.
+
+    A session appends a piece's keys/values into the buffers in place when the state is the latest
+    one written to them (`tip`), else into a copy: states stay values (advancing an older state
+    twice gives the same results as advancing copies)."""
 
     pos: int
     conv: object
@@ -77,10 +89,22 @@ class RuntimeState:
     owner: str
     batch: int
     path: str
+    tip: _Tip | None = _field(default=None, compare=False, repr=False)
+    past_len: int = 0  # rows of the buffers this state holds (= pos mod segment_len; set by the session)
 
     @property
     def steps(self) -> int:
         return _shape(self.cache_k)[0]
+
+
+@dataclass
+class _Tip:
+    """The buffers past_k/past_v of a segment and how many rows the latest state written to them
+    holds (n; -1 while a run appends to them)."""
+
+    k: np.ndarray
+    v: np.ndarray
+    n: int
 
 
 class _Graph:
@@ -202,6 +226,7 @@ class ReSSFormerSession:
         # Only the graphs a path runs are loaded (weights once in memory): the default path's now,
         # checked and ready; another path's (the step graphs, another K) on first use.
         self.graphs = _LazyGraphs(load)
+        self._tip_lock = threading.Lock()
         for name in self.graph_names(self.steps):
             self.graphs[name]
 
@@ -290,7 +315,7 @@ class ReSSFormerSession:
         positions, shapes, dtypes, and finiteness of the small tensors (conv, memory, mem_k/v)."""
         if s.owner != self.fingerprint:
             raise ValueError("state belongs to another model (checkpoint hash differs)")
-        arrays = ("conv", "memory", "cache_k", "cache_v", "past_k", "past_v")
+        arrays = ("conv", "memory", "cache_k", "cache_v")
         for name in arrays + (("mem_k", "mem_v") if s.path == "unrolled" else ()):
             v = getattr(s, name)
             if not isinstance(v, (np.ndarray, ort.OrtValue)):
@@ -309,8 +334,7 @@ class ReSSFormerSession:
         want = {"conv": (B, self.conv_width, self.d_model), "memory": (B, self.mem_slots, self.d_model),
                 "mem_k": (B, H, self.mem_slots, D) if unrolled else None,
                 "mem_v": (B, H, self.mem_slots, D) if unrolled else None,
-                "cache_k": (S, B, H, C, D), "cache_v": (S, B, H, C, D),
-                "past_k": (S, B, H, s.pos % L, D), "past_v": (S, B, H, s.pos % L, D)}
+                "cache_k": (S, B, H, C, D), "cache_v": (S, B, H, C, D)}
         for name, shape in want.items():
             v = getattr(s, name)
             if shape is None:
@@ -321,6 +345,17 @@ class ReSSFormerSession:
                 raise ValueError(f"state.{name} must have shape {shape} at pos {s.pos}, got {_shape(v)}")
             if name in ("conv", "memory", "mem_k", "mem_v") and isinstance(v, np.ndarray) and not np.isfinite(v).all():
                 raise ValueError(f"state.{name} holds NaN or infinite values; start again from init_state")
+        P = s.pos % L
+        for name in ("past_k", "past_v"):  # buffers: (S, B, H, capacity, D), P <= capacity <= L
+            v = getattr(s, name)
+            if not isinstance(v, np.ndarray):
+                raise TypeError(f"state.{name} must be a float32 numpy array, got {type(v).__name__}")
+            cap = v.shape[3] if v.ndim == 5 else -1
+            if v.ndim != 5 or v.shape[:3] != (S, B, H) or v.shape[4] != D or not P <= cap <= L:
+                raise ValueError(f"state.{name} must have shape {(S, B, H, 'capacity', D)} with {P} <= capacity "
+                                 f"<= {L} at pos {s.pos}, got {v.shape}")
+        if s.past_len != P:
+            raise ValueError(f"state.past_k holds {s.past_len} keys/values of the segment but pos {s.pos} needs {P}")
 
     # ---- state ------------------------------------------------------------------------------
     def init_state(self, batch: int = 1, steps: int | None = None, path: str | None = None) -> RuntimeState:
@@ -330,13 +365,57 @@ class ReSSFormerSession:
         path = self.path_for(S, path)
         H, D, C = self.n_heads, self.head_dim, self.cache_len
         r = self.graphs["init"].run({"tokens": np.zeros((batch, 1), np.int64)})
-        z = lambda *s: self._dev(np.zeros(s, np.float32))  # noqa: E731
+        z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
         unrolled = path == "unrolled"
-        return RuntimeState(pos=0, conv=z(batch, self.conv_width, self.d_model), memory=r["memory"],
+        return RuntimeState(pos=0, conv=self._dev(z(batch, self.conv_width, self.d_model)), memory=r["memory"],
                             mem_k=r["mem_k"] if unrolled else None, mem_v=r["mem_v"] if unrolled else None,
                             cache_k=z(S, batch, H, C, D), cache_v=z(S, batch, H, C, D), cache_valid=0,
                             past_k=z(S, batch, H, 0, D), past_v=z(S, batch, H, 0, D),
                             owner=self.fingerprint, batch=int(batch), path=path)
+
+    def past(self, state: RuntimeState) -> tuple[np.ndarray, np.ndarray]:
+        """The current segment's keys/values (S, B, H, P, D), P = pos mod segment_len: views of the
+        state's buffers."""
+        P = state.pos % self.segment_len
+        return state.past_k[..., :P, :], state.past_v[..., :P, :]
+
+    def _feed(self, state: RuntimeState, T: int) -> tuple:
+        """The buffers a piece of T tokens reads (rows P = pos mod segment_len on are ignored): the
+        state's, claimed for appending in place if the state is the latest one written to them and
+        they have room for the T rows; at a segment's start, new ones (claimed). Returns (k, v, tip
+        or None)."""
+        k, v, tip = state.past_k, state.past_v, state.tip
+        if k.shape[3] == 0:
+            cap = min(self.segment_len, max(T, MIN_CAPACITY))
+            nk, nv = (np.zeros((*k.shape[:3], cap, k.shape[4]), np.float32) for _ in range(2))
+            return nk, nv, _Tip(nk, nv, -1)
+        P = state.pos % self.segment_len
+        with self._tip_lock:
+            if tip is not None and tip.k is k and tip.v is v and tip.n == P and k.shape[3] >= P + T:
+                tip.n = -1  # claimed: a state forked at P now appends into a copy
+                return k, v, tip
+        return k, v, None
+
+    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int) -> RuntimeState:
+        """The state with the piece's T keys/values per step (S, B, H, T, D) written at row P of the
+        claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of
+        the P valid rows: fed first, grown after, so a piece reads at most the capacity it found."""
+        k, v, tip = fed
+        P, L = state.pos % self.segment_len, self.segment_len
+        if tip is None:
+            cap = min(L, max(P + T, 2 * k.shape[3], MIN_CAPACITY))
+            nk, nv = (np.zeros((*k.shape[:3], cap, k.shape[4]), np.float32) for _ in range(2))
+            nk[..., :P, :], nv[..., :P, :] = k[..., :P, :], v[..., :P, :]
+            tip = _Tip(nk, nv, -1)
+        tip.k[..., P:P + T, :], tip.v[..., P:P + T, :] = _host(new_k), _host(new_v)
+        tip.n = P + T
+        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L)
+
+    def _segment_ended(self, state: RuntimeState, memory, mem_k, mem_v, cache_k, cache_v) -> RuntimeState:
+        empty = np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32)
+        return replace(state, memory=memory, mem_k=mem_k, mem_v=mem_v, cache_k=_host(cache_k),
+                       cache_v=_host(cache_v), cache_valid=self.cache_len, past_k=empty, past_v=empty.copy(),
+                       tip=None, past_len=0)
 
     def _dev(self, arr: np.ndarray):
         if self.device == "cpu":
@@ -381,57 +460,58 @@ class ReSSFormerSession:
 
     def _piece_unrolled(self, tokens, state: RuntimeState, diagnostics=None):
         names = self.unrolled[state.steps]
+        T, S = tokens.shape[1], state.steps
+        fed = pk, pv, _ = self._feed(state, T)
+        ck, cv = _host(state.cache_k), _host(state.cache_v)
+        feeds = {"tokens": tokens, "pos": np.array(state.pos, np.int64), "conv": state.conv, "mem_k": state.mem_k,
+                 "mem_v": state.mem_v, "cache_valid": np.array(state.cache_valid, np.int64)}
+        for t in range(S):  # per step: views of the (S, ...) arrays, contiguous, fed without a copy
+            feeds |= {f"cache_k_{t}": ck[t], f"cache_v_{t}": cv[t], f"past_k_{t}": pk[t], f"past_v_{t}": pv[t]}
         r = self.graphs[names["piece"]].run(
-            {"tokens": tokens, "pos": np.array(state.pos, np.int64), "conv": state.conv, "mem_k": state.mem_k,
-             "mem_v": state.mem_v, "cache_k": state.cache_k, "cache_v": state.cache_v,
-             "cache_valid": np.array(state.cache_valid, np.int64), "past_k": state.past_k, "past_v": state.past_v},
-            None if diagnostics is not None else ["logits", "conv_out", "present_k", "present_v"])
+            feeds, None if diagnostics is not None else ["logits", "conv_out", "new_k", "new_v"])
         if diagnostics is not None:
             d = {k: _host(v) for k, v in r.items()}
-            diagnostics += [{"attn_idx": d["attn_idx"][t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
-                             "present_k": d["present_k"][t]} for t in range(state.steps)]
-        new = replace(state, pos=state.pos + tokens.shape[1], conv=r["conv_out"], past_k=r["present_k"],
-                      past_v=r["present_v"])
-        if new.pos % self.segment_len == 0:
-            e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k,
-                                                        "seg_v": new.past_v})
-            new = replace(new, memory=e["memory_out"], mem_k=e["mem_k_out"], mem_v=e["mem_v_out"],
-                          cache_k=e["cache_k_out"], cache_v=e["cache_v_out"], cache_valid=self.cache_len,
-                          past_k=self._empty_past(state), past_v=self._empty_past(state))
+            idx = reference_index(d["attn_idx"], self.mem_slots + self.cache_len, pk.shape[3],
+                                  state.pos % self.segment_len)
+            diagnostics += [{"attn_idx": idx[t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
+                             "new_k": d["new_k"][t]} for t in range(S)]
+        new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
+        if new.pos % self.segment_len == 0:  # the buffers hold the whole segment: (S, B, H, L, D)
+            e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k, "seg_v": new.past_v})
+            new = self._segment_ended(new, e["memory_out"], e["mem_k_out"], e["mem_v_out"], e["cache_k_out"],
+                                      e["cache_v_out"])
         return r["logits"], new
-
-    def _empty_past(self, state: RuntimeState):
-        return self._dev(np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32))
 
     def _piece_steps(self, tokens, state: RuntimeState, diagnostics=None):
         g = self.graphs
+        T, P = tokens.shape[1], state.pos % self.segment_len
         e = g["embed"].run({"tokens": tokens, "conv": state.conv})
         h = e["h"]
         pos = np.array(state.pos, np.int64)
         valid = np.array(state.cache_valid, np.int64)
-        ck, cv, pk, pv = (_per_step(x) for x in (state.cache_k, state.cache_v, state.past_k, state.past_v))
-        present_k, present_v = [], []
+        ck, cv = _host(state.cache_k), _host(state.cache_v)
+        pk, pv = (np.ascontiguousarray(x) for x in self.past(state))
+        new_k, new_v = [], []
         for t in range(state.steps):
             r = g["step"].run({"h": h, "step": np.array(t, np.int64), "pos": pos, "memory": state.memory,
                                "cache_k": ck[t], "cache_v": cv[t], "cache_valid": valid, "past_k": pk[t],
                                "past_v": pv[t]})
             h = r["h_out"]
-            present_k.append(_host(r["present_k"]))
-            present_v.append(_host(r["present_v"]))
+            new_k.append(_host(r["present_k"])[..., P:, :])
+            new_v.append(_host(r["present_v"])[..., P:, :])
             if diagnostics is not None:
                 diagnostics.append({k: _host(v) for k, v in r.items()})
         logits = g["head"].run({"h": h})["logits"]
-        new = replace(state, pos=state.pos + tokens.shape[1], conv=e["conv_out"],
-                      past_k=self._dev(np.stack(present_k)), past_v=self._dev(np.stack(present_v)))
+        new = replace(self._appended(state, self._feed(state, T), np.stack(new_k), np.stack(new_v), T),
+                      conv=e["conv_out"])
         if new.pos % self.segment_len == 0:  # refine the memory over the steps in order
             mem, ck, cv = new.memory, [], []
             for t in range(state.steps):
-                r = g["memory"].run({"memory": mem, "seg_k": present_k[t], "seg_v": present_v[t]})
+                r = g["memory"].run({"memory": mem, "seg_k": new.past_k[t], "seg_v": new.past_v[t]})
                 mem = r["memory_out"]
                 ck.append(_host(r["cache_k_out"]))
                 cv.append(_host(r["cache_v_out"]))
-            new = replace(new, memory=mem, cache_k=self._dev(np.stack(ck)), cache_v=self._dev(np.stack(cv)),
-                          cache_valid=self.cache_len, past_k=self._empty_past(state), past_v=self._empty_past(state))
+            new = self._segment_ended(new, mem, None, None, np.stack(ck), np.stack(cv))
         return logits, new
 
     # ---- generation -------------------------------------------------------------------------
@@ -571,10 +651,14 @@ class ReSSFormerSession:
         return lp[-1], state, nll, count
 
 
-def _per_step(x):
-    """(S, ...) state tensor -> a list of its S per-step tensors (host arrays)."""
-    x = _host(x)
-    return [x[t] for t in range(x.shape[0])]
+def reference_index(idx: np.ndarray, before: int, capacity: int, P: int) -> np.ndarray:
+    """A piece graph's attn_idx, which numbers keys over (memory, cache: `before` rows, the buffer of
+    `capacity` rows, the piece), renumbered over (memory, cache, the P valid rows, the piece) as
+    PyTorch's attention numbers them; a pick of an ignored buffer row (weight 0: fewer candidates
+    than top_k) becomes -1."""
+    piece = idx >= before + capacity
+    ignored = (idx >= before + P) & ~piece
+    return np.where(piece, idx - (capacity - P), np.where(ignored, -1, idx))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from .sampling import check_option
 
 SIDECAR = "ressformer.json"
 FORMAT = "ressformer-export"
-KNOWN_FORMAT_VERSIONS = (2,)
+KNOWN_FORMAT_VERSIONS = (3,)  # 3: per-step state buffers (docs/runtime-contract.md)
 KNOWN_RESSFORMER_OPSETS = (1,)
 TOKENIZERS = ("bytes",)
 REQUIRED = ("config", "graphs", "steps", "tokenizer", "checkpoint_sha256", "unrolled", "model_sha256")
@@ -88,7 +88,13 @@ def read_sidecar(folder: str | os.PathLike) -> dict:
         raise ModelError(f"{path} is corrupted: {e}; {REEXPORT}") from e
     if not isinstance(meta, dict):
         raise ModelError(f"{path} is not a ressformer sidecar (a JSON object is expected); {REEXPORT}")
-    if meta.get("format") != FORMAT or meta.get("format_version") not in KNOWN_FORMAT_VERSIONS:
+    version = meta.get("format_version")
+    if meta.get("format") == FORMAT and isinstance(version, int) and not isinstance(version, bool) \
+            and version < min(KNOWN_FORMAT_VERSIONS):
+        raise ModelError(f"{path}: export format version {version} is older than this runtime's "
+                         f"{max(KNOWN_FORMAT_VERSIONS)} (its graphs use another state layout); re-export the "
+                         "checkpoint: ressformer export CHECKPOINT --out FOLDER")
+    if meta.get("format") != FORMAT or version not in KNOWN_FORMAT_VERSIONS:
         raise ModelError(f"{path}: unknown export format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}; this runtime reads {FORMAT} {KNOWN_FORMAT_VERSIONS} "
                          "(re-export the checkpoint with this version)")

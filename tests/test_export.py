@@ -20,7 +20,7 @@ def test_export_contents(tiny_export):
     assert meta["steps"] == 2 and meta["tokenizer"]["type"] == "bytes"
     assert set(meta["graphs"]) == {"init", "embed", "step", "head", "memory", "piece_k2", "segment_end_k2"}
     assert meta["unrolled"] == {"2": {"piece": "piece_k2", "segment_end": "segment_end_k2"}}
-    assert meta["format_version"] == 2 and len(meta["model_sha256"]) == 64
+    assert meta["format_version"] == 3 and len(meta["model_sha256"]) == 64
     assert json.loads((tiny_export / "validation.json").read_text())["passed"]
     for name, g in meta["graphs"].items():
         path = tiny_export / g["file"]
@@ -31,10 +31,16 @@ def test_export_contents(tiny_export):
         assert [i.name for i in m.graph.input] == [i["name"] for i in g["inputs"]]
         if name in ("step", "piece_k2", "segment_end_k2", "memory"):
             ops = {n.op_type for n in m.graph.node if n.domain == "ressformer"}
-            assert "TopKAttention" in ops
+            # the piece graph attends over the parts (format 3): TopK + the sorted normalizer inline
+            assert ("Entmax15Sorted" if name == "piece_k2" else "TopKAttention") in ops
             funcs = {f.name for f in m.functions if f.domain == "ressformer"}
             assert ops <= funcs and "Entmax15" in funcs
             assert ("ressformer", 1) in {(o.domain, o.version) for o in m.opset_import}
+        if name == "piece_k2":  # the segment's keys/values are read, never copied (no Split/Concat/Slice)
+            state = ("past_", "cache_k_", "cache_v_")
+            readers = {n.op_type for n in m.graph.node for i in n.input if i.startswith(state)}
+            assert readers <= {"Shape", "Transpose", "MatMul"}, readers
+            assert [o.name for o in m.graph.output][2:4] == ["new_k", "new_v"]
         if name == "step":
             assert "TopKRoute" in ops
             dims = {d.dim_param for i in m.graph.input for d in i.type.tensor_type.shape.dim}
@@ -149,3 +155,47 @@ def test_unrolled_graphs_for_several_k(tiny_checkpoint, tmp_path):
         ref = load_checkpoint(tiny_checkpoint)(torch.from_numpy(x), steps=3).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
     np.testing.assert_allclose(got, sess.forward(x, steps=3, path="steps")[0], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_over_parts_selects_as_over_their_concatenation(tmp_path):
+    """The piece graphs' attention (format 3) in ONNX Runtime: keys in three parts (the middle one a
+    buffer with ignored rows), integer scores full of ties: the same selection (ties to the lower
+    index of the concatenation), weights and output as the PyTorch kernel over the valid rows."""
+    import torch
+    from ressformer.export.ops import function_protos
+
+    from ressformer.ops import topk_attention_kernel, topk_attention_parts
+
+    class Parts(torch.nn.Module):
+        def forward(self, q, k0, v0, k1, v1, k2, v2, n_valid):
+            T, cap = q.shape[-2], k1.shape[-2]
+            mask = torch.cat([torch.ones(T, k0.shape[-2], dtype=torch.bool),
+                              (torch.arange(cap) < n_valid)[None, :].expand(T, cap),
+                              torch.ones(T, T, dtype=torch.bool).tril()], 1)
+            return topk_attention_parts(q, [k0, k1, k2], [v0, v1, v2], mask, 6, "entmax15", 0.5, parts=True)
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D, m, cap, P = 2, 3, 4, 8, 5, 12, 7
+    q = torch.randint(-1, 2, (B, H, T, D), generator=g).float()  # small integers: many exact ties
+    ks = [torch.randint(-1, 2, (B, H, n, D), generator=g).float() for n in (m, cap, T)]
+    vs = [torch.randn(B, H, n, D, generator=g) for n in (m, cap, T)]
+    args = (q, ks[0], vs[0], ks[1], vs[1], ks[2], vs[2], torch.tensor(P))
+    dyn = {"q": {2: "t"}, "k0": {}, "v0": {}, "k1": {2: "cap"}, "v1": {2: "cap"}, "k2": {2: "t"}, "v2": {2: "t"},
+           "n_valid": {}}
+    prog = torch.onnx.export(Parts().eval(), args, dynamo=True, opset_version=20, dynamic_shapes=dyn, verbose=False)
+    proto = prog.model_proto
+    proto.functions.extend(function_protos("entmax15", 20))
+    proto.opset_import.append(onnx.helper.make_opsetid("ressformer", 1))
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    o, idx, w = s.run(None, {n.name: a.numpy() for n, a in zip(s.get_inputs(), args)})
+    keys = torch.cat([ks[0], ks[1][..., :P, :], ks[2]], -2)
+    vals = torch.cat([vs[0], vs[1][..., :P, :], vs[2]], -2)
+    mask = torch.ones(T, m + P + T, dtype=torch.bool)
+    mask[:, m + P:] = torch.ones(T, T, dtype=torch.bool).tril()
+    ro, ridx, rw = topk_attention_kernel(q, keys, vals, mask, 6, "entmax15", 0.5)
+    sc = q @ keys.transpose(-1, -2)
+    assert (sc.unsqueeze(-1) == sc.unsqueeze(-2)).sum() > sc.numel(), "the case must hold ties"
+    shifted = np.where(idx >= m + cap, idx - (cap - P), idx)  # the buffer's ignored rows are never picked here
+    np.testing.assert_array_equal(shifted, ridx.numpy())
+    np.testing.assert_allclose(w, rw.numpy(), atol=1e-6)
+    np.testing.assert_allclose(o, ro.numpy(), atol=1e-5)

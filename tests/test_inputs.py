@@ -411,10 +411,15 @@ def test_checkpoint_folder_arguments_restore_a_backup(tiny_checkpoint, tmp_path)
 
 # ---- 6. the Python API: states, prompts ----------------------------------------------------------------
 def _bad_states(s):
+    import onnxruntime as ort
+
     f = np.float32
     yield "dtype", replace(s, conv=s.conv.astype(np.float64)), TypeError, "state.conv must be float32"
     yield "shape", replace(s, memory=s.memory[:, :1]), ValueError, "state.memory must have shape"
-    yield "pos", replace(s, pos=s.pos + 1), ValueError, "state.past_k must have shape"
+    yield "pos", replace(s, pos=s.pos + 1), ValueError, "state.past_k holds 8 keys/values of the segment but pos 41"
+    yield "past-capacity", replace(s, past_k=s.past_k[..., :4, :]), ValueError, "state.past_k must have shape"
+    yield "past-ortvalue", replace(s, past_k=ort.OrtValue.ortvalue_from_numpy(s.past_k)), TypeError, \
+        "state.past_k must be a float32 numpy array"
     yield "pos-negative", replace(s, pos=-1), ValueError, "state.pos must be an integer >= 0"
     yield "pos-float", replace(s, pos=3.0), ValueError, "state.pos must be an integer"
     yield "cache_valid", replace(s, cache_valid=5), ValueError, "state.cache_valid must be"
@@ -438,7 +443,7 @@ def test_states_held_as_ortvalues_are_validated_too(sess):
 
     x = np.arange(40)[None] % 256
     _, s = sess.forward(x)
-    fields = ("conv", "memory", "mem_k", "mem_v", "cache_k", "cache_v", "past_k", "past_v")
+    fields = ("conv", "memory", "mem_k", "mem_v", "cache_k", "cache_v")  # the past buffers are host arrays
     held = replace(s, **{f: ort.OrtValue.ortvalue_from_numpy(getattr(s, f)) for f in fields})
     np.testing.assert_array_equal(sess.forward(np.array([[5]]), held)[0], sess.forward(np.array([[5]]), s)[0])
     bad = replace(held, conv=ort.OrtValue.ortvalue_from_numpy(s.conv.astype(np.float64)))

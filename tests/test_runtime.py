@@ -321,3 +321,50 @@ def test_cli_generate_and_score(tiny_export, tmp_path):
     assert res[str(f)]["bytes"] == 260 and res[str(f)]["bits_per_byte"] > 0
     r = CliRunner().invoke(main, ["generate", str(tmp_path / "none")])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+# ---- the state layout of contract v3: per-step buffers, appended in place ---------------------------------
+def test_decode_across_segment_ends_equals_torch(sess, model):
+    """Batch 2: a prefill whose last piece ends a segment exactly, then token by token over two more
+    segment ends; every step's logits and the segment's keys/values equal PyTorch's."""
+    L = sess.segment_len
+    x = toks(2, L + L // 2 + 2 * L + 3, seed=5)
+    ref = torch_logits(model, x)
+    with torch.no_grad():
+        t_state = model(torch.from_numpy(x[:, :L + 20])).state
+    _, st = sess.forward(x[:, :20])
+    _, st = sess.forward(x[:, 20:L], st)  # a piece that ends a segment exactly
+    assert st.pos == L and st.past_k.shape[3] == 0 and st.cache_valid == sess.cache_len
+    _, st = sess.forward(x[:, L:L + 20], st)
+    pk, _ = sess.past(st)
+    np.testing.assert_allclose(pk, t_state.past_k.numpy(), atol=1e-5)
+    out = []
+    for i in range(L + 20, x.shape[1]):
+        lg, st = sess.forward(x[:, i:i + 1], st)
+        out.append(lg)
+    np.testing.assert_allclose(np.concatenate(out, 1), ref[:, L + 20:], atol=2e-4, rtol=1e-3)
+    assert st.pos == x.shape[1] and st.past_k.shape[3] >= st.pos % L
+
+
+def test_decode_appends_in_place_and_a_forked_state_gets_a_copy(sess):
+    _, s0 = sess.forward(toks(1, 5))
+    _, s1 = sess.forward(toks(1, 1, seed=1), s0)
+    assert s1.past_k is s0.past_k, "the latest state's buffers take the next token in place"
+    a, a1 = sess.forward(toks(1, 3, seed=2), s0)  # s0 again: its rows 5.. are s1's now
+    assert a1.past_k is not s0.past_k
+    b, _ = sess.forward(toks(1, 3, seed=2), s0)
+    np.testing.assert_array_equal(a, b)
+    c, _ = sess.forward(toks(1, 2, seed=3), s1)  # s1 is still the tip of the first buffers
+    whole, _ = sess.forward(np.concatenate([toks(1, 5), toks(1, 1, seed=1), toks(1, 2, seed=3)], 1))
+    np.testing.assert_allclose(c, whole[:, -2:], atol=1e-5)
+
+
+def test_old_format_version_is_refused_asking_to_reexport(tiny_export, tmp_path):
+    d = _copy(tiny_export, tmp_path / "v2")
+    meta = json.loads((d / "ressformer.json").read_text())
+    meta["format_version"] = 2
+    meta["model_sha256"] = model_hash(meta)
+    (d / "ressformer.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"format version 2 is older than this runtime's 3 .*re-export") as e:
+        ReSSFormerSession(d)
+    assert "\n" not in str(e.value)

@@ -14,7 +14,9 @@
 
 export const SIDECAR = 'ressformer.json';
 export const FORMAT = 'ressformer-export';
-export const KNOWN_FORMAT_VERSIONS = [2];
+export const KNOWN_FORMAT_VERSIONS = [3]; // 3: per-step state buffers (docs/runtime-contract.md)
+// The per-step buffers of a segment's keys/values start with this many rows and double (at most segment_len).
+export const MIN_CAPACITY = 64;
 export const KNOWN_RESSFORMER_OPSETS = [1];
 export const STEP_GRAPHS = ['embed', 'step', 'head', 'memory']; // the steps path (any K); optional (--step-graphs)
 export const GENERATION_FALLBACK = {
@@ -179,6 +181,12 @@ export async function checkSidecar(text, where = SIDECAR) {
   }
   if (meta === null || typeof meta !== 'object' || Array.isArray(meta)) {
     throw new ModelError(`${where} is not a ressformer sidecar (a JSON object is expected); re-export the checkpoint`);
+  }
+  const oldest = Math.min(...KNOWN_FORMAT_VERSIONS);
+  if (meta.format === FORMAT && Number.isInteger(meta.format_version) && meta.format_version < oldest) {
+    throw new ModelError(`${where}: export format version ${meta.format_version} is older than this runtime's ` +
+      `${Math.max(...KNOWN_FORMAT_VERSIONS)} (its graphs use another state layout); re-export the checkpoint: ` +
+      'ressformer export CHECKPOINT --out FOLDER');
   }
   if (meta.format !== FORMAT || !KNOWN_FORMAT_VERSIONS.includes(meta.format_version)) {
     throw new ModelError(`${where}: unknown export format ${JSON.stringify(meta.format)} version ` +
@@ -517,13 +525,18 @@ export class ReSSFormer {
     if (state.batch !== batch) throw new RangeError(`state has batch ${state.batch} but tokens have batch ${batch}`);
     if (state.steps !== this.steps) throw new RangeError(`state was built for ${state.steps} steps, this model runs ${this.steps}`);
     if (state.path !== this.path) throw new RangeError(`state was built for the ${state.path} path, this model runs ${this.path}`);
+    const P = state.pos % this.segmentLen, cap = state.pastK?.dims?.[3];
+    if (!(cap >= P && cap <= this.segmentLen)) {
+      throw new RangeError(`state.pastK must hold between ${P} and ${this.segmentLen} rows at pos ${state.pos}, got ${cap}`);
+    }
   }
 
   /**
    * tokens (B, T) -> { logits: Float32Array (B * T * vocab, row-major), dims: [B, T, vocab], state }. Any T:
    * pieces are cut at segment boundaries and the memory is updated at each segment's end. A state passed
-   * in is not modified. options.logits: 'all' (default) or 'last': only the last position's, dims [B, 1, V]
-   * (a prefill's memory is then bounded by one segment whatever T).
+   * in keeps its values (rows of its buffers past pos mod segment_len may be written: they are ignored).
+   * options.logits: 'all' (default) or 'last': only the last position's, dims [B, 1, V] (a prefill's
+   * memory is then bounded by one segment whatever T).
    */
   async forward(tokens, state = null, { logits: which = 'all' } = {}) {
     if (!['all', 'last'].includes(which)) throw new RangeError(`logits must be 'all' or 'last', got ${which}`);
@@ -549,14 +562,22 @@ export class ReSSFormer {
     return { logits, dims: [B, last ? 1 : T, V], state: s };
   }
 
-  /** One piece through piece_kK; at a segment's end, segment_end_kK. */
+  /** One piece through piece_kK (per step: the cache and the segment's buffer, fed as views, no copy);
+   * the piece's new keys/values are appended to the buffers; at a segment's end, segment_end_kK. */
   async #pieceUnrolled(tokens, s) {
-    const r = await this.graphs.piece.run({
-      tokens, pos: this.#int64(s.pos), conv: s.conv, mem_k: s.memK, mem_v: s.memV, cache_k: s.cacheK,
-      cache_v: s.cacheV, cache_valid: this.#int64(s.cacheValid), past_k: s.pastK, past_v: s.pastV,
-    }, ['logits', 'conv_out', 'present_k', 'present_v']);
-    s = { ...s, pos: s.pos + tokens.dims[1], conv: r.conv_out, pastK: r.present_k, pastV: r.present_v };
-    if (s.pos % this.segmentLen === 0) { // the segment is complete
+    const T = tokens.dims[1], fed = this.#feed(s, T);
+    const feeds = {
+      tokens, pos: this.#int64(s.pos), conv: s.conv, mem_k: s.memK, mem_v: s.memV, cache_valid: this.#int64(s.cacheValid),
+    };
+    for (let t = 0; t < this.steps; t++) {
+      feeds[`cache_k_${t}`] = this.#slice(s.cacheK, t);
+      feeds[`cache_v_${t}`] = this.#slice(s.cacheV, t);
+      feeds[`past_k_${t}`] = this.#slice(fed.K, t);
+      feeds[`past_v_${t}`] = this.#slice(fed.V, t);
+    }
+    const r = await this.graphs.piece.run(feeds, ['logits', 'conv_out', 'new_k', 'new_v']);
+    s = { ...this.#appended(s, fed, r.new_k.data, r.new_v.data, T), conv: r.conv_out };
+    if (s.pos % this.segmentLen === 0) { // the segment is complete: the buffers hold it, (S, B, H, L, D)
       const e = await this.graphs.end.run({ memory: s.memory, seg_k: s.pastK, seg_v: s.pastV });
       s = { ...s, memory: e.memory_out, memK: e.mem_k_out, memV: e.mem_v_out, cacheK: e.cache_k_out,
         cacheV: e.cache_v_out, ...this.#emptySegment(s) };
@@ -566,28 +587,29 @@ export class ReSSFormer {
 
   /** One piece through embed, K x step, head; at a segment's end, K x memory (the steps in order). */
   async #pieceSteps(tokens, s) {
-    const g = this.graphs;
+    const g = this.graphs, T = tokens.dims[1], P = s.pos % this.segmentLen;
     const e = await g.embed.run({ tokens, conv: s.conv });
     const pos = this.#int64(s.pos), valid = this.#int64(s.cacheValid);
     let h = e.h;
-    const pk = [], pv = [];
+    const nk = [], nv = [];
     for (let t = 0; t < this.steps; t++) {
       const r = await g.step.run({
         h, step: this.#int64(t), pos, memory: s.memory, cache_k: this.#slice(s.cacheK, t),
-        cache_v: this.#slice(s.cacheV, t), cache_valid: valid, past_k: this.#slice(s.pastK, t),
-        past_v: this.#slice(s.pastV, t),
+        cache_v: this.#slice(s.cacheV, t), cache_valid: valid, past_k: this.#rows(this.#slice(s.pastK, t), 0, P),
+        past_v: this.#rows(this.#slice(s.pastV, t), 0, P),
       }, ['h_out', 'present_k', 'present_v']);
       h = r.h_out;
-      pk.push(r.present_k);
-      pv.push(r.present_v);
+      nk.push(this.#rows(r.present_k, P, P + T));
+      nv.push(this.#rows(r.present_v, P, P + T));
     }
     const logits = (await g.head.run({ h })).logits.data;
-    s = { ...s, pos: s.pos + tokens.dims[1], conv: e.conv_out, pastK: this.#stack(pk), pastV: this.#stack(pv) };
+    s = { ...this.#appended(s, this.#feed(s, T), this.#stack(nk).data, this.#stack(nv).data, T), conv: e.conv_out };
     if (s.pos % this.segmentLen === 0) {
       let memory = s.memory;
       const ck = [], cv = [];
       for (let t = 0; t < this.steps; t++) {
-        const r = await g.memory.run({ memory, seg_k: pk[t], seg_v: pv[t] }, ['memory_out', 'cache_k_out', 'cache_v_out']);
+        const r = await g.memory.run({ memory, seg_k: this.#slice(s.pastK, t), seg_v: this.#slice(s.pastV, t) },
+          ['memory_out', 'cache_k_out', 'cache_v_out']);
         memory = r.memory_out;
         ck.push(r.cache_k_out);
         cv.push(r.cache_v_out);
@@ -597,9 +619,58 @@ export class ReSSFormer {
     return { logits, state: s };
   }
 
+  /** x (..., R, D) -> a copy of its rows [from, to): (..., to - from, D). */
+  #rows(x, from, to) {
+    const R = x.dims.at(-2), D = x.dims.at(-1), n = x.data.length / (R * D), w = (to - from) * D;
+    const out = new Float32Array(n * w);
+    for (let i = 0; i < n; i++) out.set(x.data.subarray(i * R * D + from * D, i * R * D + to * D), i * w);
+    return new this.ort.Tensor('float32', out, [...x.dims.slice(0, -2), to - from, D]);
+  }
+
+  /** The buffers (S, B, H, capacity, D) a piece of T tokens reads (rows P = pos mod segment_len on are
+   * ignored): the state's, claimed for appending in place if the state is the latest one written to
+   * them and they have room; at a segment's start, new ones. Returns { K, V, tip (or null) }. */
+  #feed(s, T) {
+    const [S, B, H, cap, D] = s.pastK.dims, tip = s.tip, P = s.pos % this.segmentLen;
+    if (cap === 0) {
+      const c = Math.min(this.segmentLen, Math.max(T, MIN_CAPACITY)), dims = [S, B, H, c, D];
+      const fresh = { K: this.#zeros(dims), V: this.#zeros(dims), n: -1 };
+      return { K: fresh.K, V: fresh.V, tip: fresh };
+    }
+    if (tip && tip.K === s.pastK && tip.V === s.pastV && tip.n === P && cap >= P + T) {
+      tip.n = -1; // claimed until the piece's rows are written: a state forked at P appends into a copy
+      return { K: s.pastK, V: s.pastV, tip };
+    }
+    return { K: s.pastK, V: s.pastV, tip: null };
+  }
+
+  /** The state advanced by a piece of T tokens whose keys/values (S, B, H, T, D) go to rows P.. of the
+   * claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of the P
+   * valid rows. So a state keeps its values: advancing an older state again appends into a copy. */
+  #appended(s, fed, newK, newV, T) {
+    const L = this.segmentLen, P = s.pos % L;
+    let tip = fed.tip;
+    if (!tip) {
+      const [S, B, H, cap0, D] = fed.K.dims, cap = Math.min(L, Math.max(P + T, 2 * cap0, MIN_CAPACITY));
+      const copy = (src) => {
+        const dst = new Float32Array(S * B * H * cap * D);
+        for (let r = 0; r < S * B * H; r++) dst.set(src.subarray(r * cap0 * D, (r * cap0 + P) * D), r * cap * D);
+        return new this.ort.Tensor('float32', dst, [S, B, H, cap, D]);
+      };
+      tip = { K: copy(fed.K.data), V: copy(fed.V.data), n: -1 };
+    }
+    const [S, B, H, cap, D] = tip.K.dims;
+    for (let r = 0; r < S * B * H; r++) {
+      tip.K.data.set(newK.subarray(r * T * D, (r + 1) * T * D), (r * cap + P) * D);
+      tip.V.data.set(newV.subarray(r * T * D, (r + 1) * T * D), (r * cap + P) * D);
+    }
+    tip.n = P + T;
+    return { ...s, pos: s.pos + T, pastK: tip.K, pastV: tip.V, tip };
+  }
+
   #emptySegment(s) {
     const empty = [this.steps, s.batch, this.nHeads, 0, this.headDim];
-    return { cacheValid: this.cacheLen, pastK: this.#zeros(empty), pastV: this.#zeros(empty) };
+    return { cacheValid: this.cacheLen, pastK: this.#zeros(empty), pastV: this.#zeros(empty), tip: null };
   }
 
   /** The export's generation defaults (sidecar `generation`) overridden by options, checked. */

@@ -44,7 +44,9 @@ test('loading refuses a missing folder, a missing sidecar or graph, a wrong form
   await assert.rejects(load(join(tmpdir(), 'no-such-export-folder'), { ort }), /does not exist or is not a folder/);
   await refused(editedCopy((d) => rmSync(join(d, 'ressformer.json'))), /has no ressformer\.json/);
   await refused(editedCopy((d) => rmSync(join(d, 'segment_end_k2.onnx'))), /segment_end_k2\.onnx .* is missing/);
-  await refused(editSidecar(/"format_version": 2/, '"format_version": 3'), /unknown export format .* version 3/);
+  await refused(editSidecar(/"format_version": 3/, '"format_version": 4'), /unknown export format .* version 4/);
+  await refused(editSidecar(/"format_version": 3/, '"format_version": 2'),
+    /^[^\n]*format version 2 is older than this runtime's 3 [^\n]*; re-export the checkpoint[^\n]*$/);
   await refused(editSidecar(/"version": 1/, '"version": 2'), /unknown ressformer op-set version 2/);
   await refused(editSidecar(/"unrolled"/, '"unrolled_"'), /has no 'unrolled' entry/);
   await refused(editedCopy((d) => writeFileSync(join(d, 'ressformer.json'), '{"format": ')), /is corrupted/);
@@ -125,13 +127,21 @@ test('issue 21: forward keeps only the last logits on request; the generation se
   assert.equal(sampleToken(z, 0, { temperature: 1, topP: 5e-324 }), 9, 'u = 0 never picks a token of probability 0');
 });
 
-test('a state is not modified by forward; pieces, whole and token by token agree', async () => {
+test('a state keeps its values through forward; pieces, whole and token by token agree', async () => {
   const ids = ref.tokens.slice(0, 40);
   const a = await model.forward([ids.slice(0, 10)]);
-  const before = a.state.pastK.data.slice();
+  const valid = (s) => Array.from({ length: 2 * 4 }, (_, r) => s.pastK.data.slice(r * s.pastK.dims[3] * 16,
+    (r * s.pastK.dims[3] + s.pos % 32) * 16));  // (S B H) rows of the P valid keys (tiny: S 2, H 4, D 16)
+  const before = valid(a.state);
   const b = await model.forward([ids.slice(10)], a.state); // crosses the segment end at 32
-  assert.deepEqual(a.state.pastK.data, before);
+  assert.deepEqual(valid(a.state), before);
   assert.equal(b.state.pos, 40);
+  const again = await model.forward([ids.slice(10, 20)], a.state); // a.state advanced twice: a copy, same numbers
+  const fork = await model.forward([ids.slice(10, 12).reverse()], a.state);
+  const third = await model.forward([ids.slice(10, 20)], a.state);
+  assert.deepEqual(third.logits, again.logits);
+  assert.deepEqual(valid(a.state), before);
+  assert.notEqual(fork.state.pastK, again.state.pastK);
   const whole = await model.forward([ids]);
   let d = 0;
   for (let i = 0; i < 30 * 256; i++) d = Math.max(d, Math.abs(whole.logits[10 * 256 + i] - b.logits[i]));
