@@ -68,10 +68,12 @@ def recall_batch(n: int, seq_len: int, segment_len: int, distance, seed=0,
 def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distance: int = 8, n_pairs: int = 1,
                  steps: int = 1000, batch_size: int = 16, lr: float = 3e-3, warmup: int = 50, seed: int = 0,
                  baseline: bool = False, eval_examples: int = 64, eval_every: int = 0, device: str = "auto",
-                 out: str | None = None, log=print) -> dict:
+                 out: str | None = None, depths: tuple[int, int] | None = None, log=print) -> dict:
     """Train a fresh model on recall at distances 0..max_distance (sequences of max_distance + 1
     segments plus the query); return the held-out accuracy per distance (PyTorch). out: save the
-    checkpoint there (ReSSFormer only; the exporter reads it)."""
+    checkpoint there (ReSSFormer only; the exporter reads it). depths (lo, hi): each training batch runs
+    a recurrence depth K drawn from lo..hi (a model meant to run at several K at test time); the
+    held-out set and the checkpoint's K stay the config's n_steps."""
     import torch
     import torch.nn.functional as F
 
@@ -84,6 +86,8 @@ def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distan
         raise ValueError(f"the recall task uses {VOCAB} tokens; the config has vocab_size {cfg.vocab_size}")
     if max_distance < 0:
         raise ValueError(f"max_distance must be >= 0, got {max_distance}")
+    if depths is not None and not (len(depths) == 2 and 1 <= depths[0] <= depths[1]):
+        raise ValueError(f"depths must be (lo, hi) with 1 <= lo <= hi, got {depths!r}")
     L = cfg.segment_len
     seq_len = (max_distance + 1) * L
     if baseline:
@@ -118,7 +122,8 @@ def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distan
             g["lr"] = lr_at(step, tc)
         x, y, _ = recall_batch(batch_size, seq_len, L, (0, max_distance), seed=[seed, 1, step], n_pairs=n_pairs)
         x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-        out_ = model(x)
+        K = None if depths is None else int(np.random.default_rng([seed, 4, step]).integers(depths[0], depths[1] + 1))
+        out_ = model(x, steps=K)
         ce = F.cross_entropy(out_.logits[:, -1].float(), y[:, -1])
         (ce + out_.aux["loss"]).backward()
         for p in model.parameters():
@@ -140,7 +145,8 @@ def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distan
     log("held-out accuracy by distance (segments): " + " ".join(f"{d}:{a:.3f}" for d, a in acc.items()))
     res = {"accuracy": {str(d): a for d, a in acc.items()}, "loss": loss, "steps": steps, "seq_len": seq_len,
            "segment_len": L, "max_distance": max_distance, "n_pairs": n_pairs, "baseline": baseline,
-           "preset": preset, "n_params": model.num_params(), "curve": curve, "seconds": time.perf_counter() - t0}
+           "preset": preset, "n_params": model.num_params(), "depths": list(depths) if depths else None,
+           "curve": curve, "seconds": time.perf_counter() - t0}
     if out is not None:
         if baseline:
             raise ValueError("only a ReSSFormer checkpoint can be saved for export (the baseline is PyTorch-only)")

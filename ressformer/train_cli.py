@@ -145,6 +145,14 @@ def mqar(preset, overrides, baseline, seq_len, pairs, vocab, steps, batch_size, 
         write_json(json_out, res)
 
 
+def _pair(values, option):
+    if values is None:
+        return None
+    if len(values) != 2 or values[0] > values[1]:
+        raise OptionError(f"{option} takes LO,HI (two integers, LO <= HI), got {','.join(map(str, values))}")
+    return tuple(values)
+
+
 def _curriculum(values):
     if values is None:
         return None
@@ -161,6 +169,8 @@ def _curriculum(values):
 @click.option("--max-distance", default=8, show_default=True, type=Int(0),
               help="train on answers 0..N segments back (sequences of N + 1 segments)")
 @click.option("--pairs", default=1, show_default=True, type=Int(1), help="records per sequence (one is queried)")
+@click.option("--random-depth", type=IntList(1), metavar="LO,HI",
+              help="train each batch at a recurrence depth K drawn from LO..HI (test-time K as a dial)")
 @click.option("--steps", default=1000, show_default=True, type=Int(1), help="training steps")
 @click.option("--batch-size", default=32, show_default=True, type=Int(1), help="sequences per step")
 @click.option("--lr", default=3e-3, show_default=True, type=Float(0, lo_open=True), help="peak learning rate")
@@ -175,8 +185,8 @@ def _curriculum(values):
 @click.option("--overwrite", is_flag=True, help="replace an existing --json-out file or --out checkpoint")
 @threads_option
 @needs_torch
-def recall(preset, overrides, baseline, max_distance, pairs, steps, batch_size, lr, warmup, eval_examples,
-           eval_every, seed, device, out, json_out, overwrite, threads):
+def recall(preset, overrides, baseline, max_distance, pairs, random_depth, steps, batch_size, lr, warmup,
+           eval_examples, eval_every, seed, device, out, json_out, overwrite, threads):
     """Train on long-range recall through the memory: a key-value record 0..N segments before its
     query. Reports the held-out accuracy per distance; --out saves the checkpoint to export and
     evaluate in ONNX Runtime (`ressformer bench --recall EXPORT`)."""
@@ -195,7 +205,7 @@ def recall(preset, overrides, baseline, max_distance, pairs, steps, batch_size, 
     res = _usage_errors(train_recall, preset=preset, overrides=overrides, max_distance=max_distance,
                         n_pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
                         baseline=baseline, eval_examples=eval_examples, eval_every=eval_every, device=device,
-                        out=out, log=say)
+                        out=out, depths=_pair(random_depth, "--random-depth"), log=say)
     click.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}))
     if json_out:
         write_json(json_out, res)

@@ -192,7 +192,7 @@ def _cli(args):
     (["--against", "genai", "--variants", "fp32,int3"], "unknown variant 'int3'"),
     (["--against", "genai", "--variants", ","], "unknown variant"),
     (["--variants", "fp32"], "--variants goes with --against genai"),
-    (["--against", "genai", "--baseline"], "--baseline and --against"),
+    (["--against", "genai", "--baseline"], "different benchmarks"),
     (["--lengths", "128"], "--lengths goes with --baseline or --against"),
     (["--against", "genai", "--lengths", "0"], "must be >= 1"),
 ])

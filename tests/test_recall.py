@@ -192,3 +192,26 @@ def test_recall_cli_trains_and_saves_a_checkpoint_to_export(tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res["accuracy"]) == {"0", "1"} and len(res["curve"]) == 1
     assert load_checkpoint(tmp_path / "ck").config.segment_len == 8
+
+
+def test_random_depth_trains_each_batch_at_a_drawn_k(monkeypatch):
+    """--random-depth: the training batches run at K drawn from the range (the held-out set at n_steps)."""
+    from ressformer.model import ReSSFormer
+    from ressformer.recall import train_recall
+
+    seen = []
+    real = ReSSFormer.forward
+
+    def spy(self, tokens, state=None, steps=None):
+        seen.append((self.training, steps))
+        return real(self, tokens, state, steps)
+
+    monkeypatch.setattr(ReSSFormer, "forward", spy)
+    res = train_recall("tiny", {"segment_len": 8, "n_steps": 3}, max_distance=1, steps=12, batch_size=2,
+                       warmup=1, eval_examples=2, depths=(1, 3), log=lambda *a: None)
+    train = [k for t, k in seen if t]
+    assert len(train) == 12 and set(train) == {1, 2, 3}
+    assert {k for t, k in seen if not t} == {None}  # held out: the config's K
+    assert res["depths"] == [1, 3]
+    with pytest.raises(ValueError, match="depths must be"):
+        train_recall("tiny", depths=(2, 1), log=lambda *a: None)
