@@ -91,6 +91,7 @@ tradeoff() {
   {
   ressformer recall $RC --out "$R/recall_tiny" --json-out "$R/recall_tiny.json"
   ressformer recall $RC --baseline --json-out "$R/recall_tiny_baseline.json"  # dense, same size and budget
+  ressformer recall $RC --set n_steps=4 --random-depth 1,4 --out "$R/recall_rd" --json-out "$R/recall_rd.json"
   ressformer bench "$R/recall_tiny" --tradeoff --json "$R/tradeoff.json" --plot docs/img/tradeoff.png
   ressformer mqar --seq-len 256 --pairs 16 --steps 2000 --set segment_len=256 --top-k-start 0 --anneal-frac 0.5 \
     --eval-every 200 --threads 1 --json-out "$R/mqar_anneal_r_256_16.json"
