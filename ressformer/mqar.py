@@ -116,15 +116,7 @@ def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int
         x, y = (torch.from_numpy(a).to(dev) for a in mqar_batch(batch_size, seed=[seed, 1, step], **task))
         out = model(x)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        total = ce + out.aux["loss"]
-        total.backward()
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(ce.detach())
+        loss = task_step(model, opt, ce, out.aux["loss"])
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             curve.append({"step": step + 1, "top_k": model.config.top_k, "loss": loss, "accuracy": accuracy()})
             log(f"step {step + 1:>5}/{steps} | top_k {model.config.top_k} | held-out accuracy "
@@ -140,6 +132,21 @@ def train_mqar(preset: str = "tiny", overrides: dict | None = None, seq_len: int
             "top_k": cfg_top_k, "top_k_start": top_k_start, "anneal_frac": anneal_frac,
             "curriculum": list(curriculum) if curriculum else None, "curve": curve,
             "seconds": time.perf_counter() - t0}
+
+
+def task_step(model, opt, ce, aux_loss) -> float:
+    """One optimizer step of a synthetic task: backward of ce + the auxiliary losses, unused parameters
+    given zero gradients (AdamW then still decays them, as in training), clipped to norm 1."""
+    import torch
+
+    (ce + aux_loss).backward()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(ce.detach())
 
 
 def _topk_schedule(cfg, seq_len: int, steps: int, top_k_start: int | None, anneal_frac: float):

@@ -79,6 +79,7 @@ def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distan
 
     from .config import ReSSFormerConfig
     from .model import ReSSFormer
+    from .mqar import task_step
     from .train import TrainConfig, baseline_config, lr_at, make_optimizer, resolve_device
 
     cfg = ReSSFormerConfig.preset(preset, **(overrides or {}))
@@ -125,14 +126,7 @@ def train_recall(preset: str = "tiny", overrides: dict | None = None, max_distan
         K = None if depths is None else int(np.random.default_rng([seed, 4, step]).integers(depths[0], depths[1] + 1))
         out_ = model(x, steps=K)
         ce = F.cross_entropy(out_.logits[:, -1].float(), y[:, -1])
-        (ce + out_.aux["loss"]).backward()
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(ce.detach())
+        loss = task_step(model, opt, ce, out_.aux["loss"])
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             acc = accuracy()
             curve.append({"step": step + 1, "loss": loss, "accuracy": acc})
