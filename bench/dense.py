@@ -86,13 +86,17 @@ def matching_config(cfg, n_layer: int | None = None, n_heads: int | None = None)
     closest to ReSSFormer's (d_ff a multiple of 8). n_layer defaults to ReSSFormer's K (the depth
     a token goes through), n_heads to head_dim 64 (GPT-2's layout; for the same width fewer heads
     mean fewer softmax elements, so this favours the baseline)."""
-    target = _ressformer_params(cfg)
     n_layer = n_layer or cfg.n_steps
     n_heads = n_heads or max(cfg.d_model // 64, 1)
-    base = DenseConfig(cfg.vocab_size, n_layer, cfg.d_model, n_heads, 0)
-    per_ff = 2 * cfg.d_model * n_layer  # params per unit of d_ff
-    d_ff = max(8, round((target - base.params) / per_ff / 8) * 8)
-    return DenseConfig(cfg.vocab_size, n_layer, cfg.d_model, n_heads, d_ff)
+    return matched_width(lambda f: DenseConfig(cfg.vocab_size, n_layer, cfg.d_model, n_heads, f),
+                         _ressformer_params(cfg), per_ff=2 * cfg.d_model * n_layer, multiple=8)
+
+
+def matched_width(make, target: int, per_ff: int, multiple: int):
+    """make(d_ff) -> a model spec with `.params`; the spec whose FFN width (a multiple of `multiple`,
+    `per_ff` parameters per unit) brings its count closest to `target`."""
+    d_ff = max(multiple, round((target - make(0).params) / per_ff / multiple) * multiple)
+    return make(d_ff)
 
 
 def _ressformer_params(cfg) -> int:
@@ -447,13 +451,19 @@ def child_main(engine: str, path: str, length: int, decode: int, threads: int, s
 
 def _run_child(engine: str, path: Path, length: int, decode: int, threads: int | None, seed: int, chunk: int,
                timeout: float) -> dict:
+    return run_child("ressformer.bench.dense", engine, length, timeout,
+                     [engine, str(path), str(length), str(decode), str(threads or 0), str(seed), str(chunk)])
+
+
+def run_child(module: str, engine: str, length: int, timeout: float, args: list[str], env: dict | None = None) -> dict:
+    """`python -m MODULE --child ARGS` in a fresh process (this checkout first on the path); its last
+    stdout line is the point's JSON. A timeout, the OOM killer or an error becomes the point's status."""
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + ([os.environ["PYTHONPATH"]]
-                                                             if os.environ.get("PYTHONPATH") else [])))
-    cmd = [sys.executable, "-m", "ressformer.bench.dense", "--child", engine, str(path), str(length), str(decode),
-           str(threads or 0), str(seed), str(chunk)]
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join(
+        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        p = subprocess.run([sys.executable, "-m", module, "--child", *args], capture_output=True, text=True,
+                           env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"engine": engine, "length": length, "status": f"too slow (over {timeout:.0f} s in the child)"}
     if p.returncode != 0:

@@ -128,10 +128,8 @@ def matching_llama(cfg, n_layer: int | None = None, n_heads: int | None = None, 
     n_heads = n_heads or max(cfg.d_model // 64, 1)
     if cfg.d_model % n_heads:
         raise ValueError(f"d_model {cfg.d_model} is not divisible by {n_heads} heads")
-    base = LlamaSpec(cfg.vocab_size, n_layer, cfg.d_model, n_heads, n_heads, 0)
-    per_ff = 3 * cfg.d_model * n_layer  # params per unit of d_ff (gate, up, down)
-    d_ff = max(multiple, round((target - base.params) / per_ff / multiple) * multiple)
-    return LlamaSpec(cfg.vocab_size, n_layer, cfg.d_model, n_heads, n_heads, d_ff)
+    return db.matched_width(lambda f: LlamaSpec(cfg.vocab_size, n_layer, cfg.d_model, n_heads, n_heads, f),
+                            target, per_ff=3 * cfg.d_model * n_layer, multiple=multiple)  # gate, up, down
 
 
 def max_positions(longest: int, decode_tokens: int, multiple: int = 256) -> int:
@@ -264,21 +262,8 @@ def genai_child(path: str, length: int, decode: int, threads: int, seed: int) ->
 
 
 def _run_genai_child(path: Path, length: int, decode: int, threads: int | None, seed: int, timeout: float) -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, **HF_ENV, PYTHONPATH=os.pathsep.join(
-        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    cmd = [sys.executable, "-m", "ressformer.bench.genai", "--child", str(path), str(length), str(decode),
-           str(threads or 0), str(seed)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"engine": "genai", "length": length, "status": f"too slow (over {timeout:.0f} s in the child)"}
-    if p.returncode != 0:
-        if p.returncode in (-9, 137):
-            return {"engine": "genai", "length": length, "status": "out of memory (killed)"}
-        err = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit code {p.returncode}"
-        return {"engine": "genai", "length": length, "status": db._status(RuntimeError(err))}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return db.run_child("ressformer.bench.genai", "genai", length, timeout,
+                        [str(path), str(length), str(decode), str(threads or 0), str(seed)], env=HF_ENV)
 
 
 # ---- the comparison ---------------------------------------------------------------------------------------

@@ -57,10 +57,9 @@ def decode_latency(sess: ReSSFormerSession, context: int, tokens: int, steps: in
     return float(np.median(times))
 
 
-def distance_sweep(export: str | Path, distances=DISTANCES, examples: int = 64, threads: int = 1,
+def distance_sweep(sess: ReSSFormerSession, distances=DISTANCES, examples: int = 64,
                    progress=print) -> list[dict]:
     """Accuracy against distance: sequences of (d + 1) segments, the queried record in the first."""
-    sess = ReSSFormerSession(export, threads=threads)
     rows = []
     for d in distances:
         t0 = time.perf_counter()
@@ -108,8 +107,7 @@ def run_tradeoff(checkpoint: str | Path, out: str | Path | None = None, distance
                  + (", validated against PyTorch" if check else ""))
         sess = ReSSFormerSession(folder, threads=threads)
         if k == k0:
-            rep["distance"] = distance_sweep(folder, distances, examples=min(examples, 64), threads=threads,
-                                             progress=progress)
+            rep["distance"] = distance_sweep(sess, distances, examples=min(examples, 64), progress=progress)
         for K in steps_list:
             acc = accuracy(sess, context, (0, max_distance), examples, steps=K)
             lat = decode_latency(sess, context, decode_tokens, steps=K)
