@@ -439,6 +439,9 @@ def train(tc: TrainConfig, log=print) -> dict:
 
     if master:
         plot_metrics(metrics, out / PLOT_FILE)
+    if world > 1:  # leave together: a rank exiting with gloo's threads still live aborts ("terminate called")
+        dist.barrier()
+        dist.destroy_process_group()
     say(f"done at step {end}: checkpoint {out / CKPT_DIR}, metrics {metrics}, plot {out / PLOT_FILE}")
     return {"step": end, "train": last, "val": last_val, "n_params": model.num_params(),
             "out": str(out), "checkpoint": str(out / CKPT_DIR), "config": cfg.to_dict()}
