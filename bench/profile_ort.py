@@ -70,18 +70,18 @@ def saved_optimized_export(export_dir, out_dir, threads=None) -> Path:
     return out_dir
 
 
-def workloads(sess, length, decode, seed=0, setup=None):
+def workloads(sess, length, decode, seed=0, setup=None, prompt_len=None):
     """Prefill and decode callables on `sess`; the decode's prompt states are made with `setup`
     (another session of the same export, so a profiled session records the workload alone)."""
     setup = setup or sess
     rng = np.random.default_rng(seed)
     V, L = sess.vocab_size, sess.segment_len
     x = rng.integers(0, V, (1, length))
-    prompt = rng.integers(0, V, (1, max(L // 2, 1)))
+    prompt = rng.integers(0, V, (1, prompt_len or max(L // 2, 1)))
     toks = [rng.integers(0, V, (1, 1)) for _ in range(decode)]
     _, st0 = setup.forward(prompt)
 
-    _, st0_steps = setup.forward(prompt, path="steps")
+    st0_steps = setup.forward(prompt, path="steps")[1] if setup.has_step_graphs else None
 
     def prefill():
         sess.forward(x, path="unrolled")
@@ -115,12 +115,13 @@ def matmul_flops(ev_args: dict) -> float:
     return 2.0 * float(np.prod(y)) * k
 
 
-def profiled(sess_factory, workload: str, length=2048, decode=64, workdir=None, setup=None) -> dict:
+def profiled(sess_factory, workload: str, length=2048, decode=64, workdir=None, setup=None,
+             prompt_len=None) -> dict:
     """Run one workload under ORT's profiler: kernel time per op type and graph, node count, the
     FLOPs of every MatMul-like node actually executed, and ONNX Runtime runs per graph."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ressformer-prof-"))
     sess = sess_factory(workdir / workload)
-    fns = workloads(sess, length, decode, setup=setup)
+    fns = workloads(sess, length, decode, setup=setup, prompt_len=prompt_len)
     runs = defaultdict(int)
     for name, g in sess.graphs.items():
         real = g.run
@@ -151,14 +152,16 @@ def profiled(sess_factory, workload: str, length=2048, decode=64, workdir=None, 
 
 
 def profile(export_dir, length=2048, decode=64, threads=None, workdir=None,
-            workloads_=("prefill", "prefill_steps", "decode", "decode_steps")) -> dict:
+            workloads_=("prefill", "prefill_steps", "decode", "decode_steps"), prompt_len=None) -> dict:
     """Run prefill and decode on both paths (unrolled graphs, step graphs) under ORT's profiler;
     return, for each, the kernel time per op type and per graph, the executed MatMul FLOPs, the
     executed node count and the runs per graph (see `profiled`)."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ressformer-prof-"))
     setup = ReSSFormerSession(export_dir, threads=threads)
+    if not setup.has_step_graphs:  # an export without --step-graphs: the unrolled path only
+        workloads_ = [w for w in workloads_ if not w.endswith("_steps")]
     return {wl: profiled(lambda prefix: session_with(export_dir, threads=threads, profile_prefix=prefix), wl,
-                         length, decode, workdir, setup) for wl in workloads_}
+                         length, decode, workdir, setup, prompt_len) for wl in workloads_}
 
 
 def sweep(export_dir, length=2048, decode=64, threads=2, repeats=3) -> list[dict]:
@@ -202,12 +205,15 @@ def main(argv=None):
     p.add_argument("export_dir")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--prompt", type=int, help="tokens before the decoded ones (default: half a segment)")
+    p.add_argument("--only", choices=["prefill", "decode"], help="profile one workload")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--sweep", action="store_true", help="also time the session settings")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    rep = {"profile": profile(a.export_dir, a.length, a.decode, a.threads)}
+    wls = [a.only] if a.only else ["prefill", "prefill_steps", "decode", "decode_steps"]
+    rep = {"profile": profile(a.export_dir, a.length, a.decode, a.threads, workloads_=wls, prompt_len=a.prompt)}
     for wl, r in rep["profile"].items():
         print(f"\n{wl}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {r['kernel_s'] * 1e3:.1f} ms, "
               f"{r['nodes_executed']} nodes, {r['flops'] / 1e6:.1f} MFLOP (MatMul), runs {r['runs']}; by graph: "

@@ -46,7 +46,11 @@ QUANTIZE_BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
-EXPERT_LAYERS = ("qmoe", "dispatch")
+EXPERT_LAYERS = ("auto", "hybrid", "qmoe", "dispatch")
+# auto: the hybrid while the quantized experts are small (its second in-memory copy of them is cheap and
+# the dispatch's ~580 extra nodes per token dominate a decoded token), the dispatch from this size on
+# (base int4: 18.9 MB; the hybrid loads ~60 MB more, the dispatch decodes ~4% slower; docs/performance.md)
+AUTO_DISPATCH_BYTES = 8_000_000
 # Opset 20: GELU exports as one `Gelu` node instead of five (Div, Erf, Add, Mul, Mul), 32 fewer nodes
 # per decoded token for `small` (docs/performance.md)
 DEFAULT_OPSET = 20
@@ -60,7 +64,7 @@ class ExportError(RuntimeError):
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       dtype: str = "fp32", steps: int | list[int] | None = None, validate=None,
                       quantize: str | None = None, progress=print, overwrite: bool = False,
-                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, experts: str = "qmoe",
+                      step_graphs: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, experts: str = "auto",
                       top_k: int | None = None) -> Path:
     """Export CHECKPOINT to the folder OUT; returns OUT. Raises ExportError / ValueError.
 
@@ -68,9 +72,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     `segment_end_kK.onnx`; with step_graphs also embed/step/head/memory (any K at run time; they
     repeat the weights). quantize: None (float weights, portable: ONNX functions only) or
     "int8"/"int4" (weight-only MatMulNBits, ONNX Runtime flavour; block_size weights per scale).
-    experts (quantized exports): "qmoe" (one com.microsoft QMoE node per step, where d_model and d_ff
-    divide by the block size: fewest nodes per token) or "dispatch" (the portable sparse dispatch on
-    MatMulNBits: faster prefill at `base`, and MatMulNBits is the only contrib op, as onnxruntime-web has).
+    experts (quantized exports): "hybrid" (the piece graphs hold two graphs under If(one token): one
+    com.microsoft QMoE node per step for a decoded token, the sparse dispatch on MatMulNBits for prefill
+    pieces and batches, one copy of the weights on disk but two in memory), "qmoe" (QMoE always: fewest
+    nodes, but ONNX Runtime's CPU QMoE costs grow per row), "dispatch" (MatMulNBits only, as
+    onnxruntime-web has) or "auto" (hybrid below AUTO_DISPATCH_BYTES of quantized expert weights, else
+    dispatch). QMoE needs d_model and d_ff divisible by the block size; otherwise all export the dispatch.
 
     top_k: keys per query at test time (None: the trained top_k). The weights do not depend on it: the
     attention and the memory update select top_k candidates instead of the trained number; the sidecar's
@@ -128,33 +135,33 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
         raise ValueError(f"steps {steps_list} leave out the trained K={cfg.n_steps}: include it, or write the "
                          "step graphs (step_graphs / --step-graphs), which run any K")
     specs = graph_specs(cfg, steps_list, step_graphs=step_graphs)
-    qmoe = bool(quantize) and experts == "qmoe" and ort_moe.supported(cfg, block_size)
+    expert_layer = resolve_expert_layer(cfg, experts, quantize, block_size) if quantize else None
+    qmoe = expert_layer in ("qmoe", "hybrid")
+    hybrid = expert_layer == "hybrid"  # piece graphs: If(one token) QMoE else dispatch; the others dispatch
     tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:
         graphs, ort_ops = {}, set()
-        with contextlib.ExitStack() as stack:
-            if qmoe:  # the ONNX Runtime flavour's experts: one QMoE node per MoE call (export/ort_moe.py)
-                stack.enter_context(ort_moe.qmoe_layers(model, QUANTIZE_BITS[quantize], block_size))
-            for i, (name, spec) in enumerate(specs.items(), 1):
-                t0 = time.perf_counter()
-                proto = _export_graph(model, name, spec, cfg, opset)
-                if dtype == "fp16":
-                    proto = _fp16_weights(proto)
-                if quantize:
-                    proto = quantize_weights(proto, QUANTIZE_BITS[quantize], block_size)
-                ort_ops |= {n.op_type for n in _nodes(proto.graph) if n.domain == ort_moe.DOMAIN}
-                path = tmp / spec.file
-                _save(proto, path)
-                onnx.checker.check_model(str(path), full_check=True)
-                graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "bytes": _size(path)}
-                progress(f"[{i}/{len(specs)}] {spec.file}: {graphs[name]['bytes'] / 1e6:.2f} MB "
-                         f"in {time.perf_counter() - t0:.1f}s")
+        for i, (name, spec) in enumerate(specs.items(), 1):
+            t0 = time.perf_counter()
+            if hybrid and name.startswith("piece_k"):  # one token: the QMoE graph; more: the dispatch graph
+                proto = ort_moe.switch_by_rows(*(_build_graph(model, name, spec, cfg, opset, dtype, quantize,
+                                                              block_size, with_qmoe) for with_qmoe in (True, False)))
+            else:
+                proto = _build_graph(model, name, spec, cfg, opset, dtype, quantize, block_size, qmoe and not hybrid)
+            ort_ops |= {n.op_type for n in _nodes(proto.graph) if n.domain == ort_moe.DOMAIN}
+            path = tmp / spec.file
+            _save(proto, path)
+            onnx.checker.check_model(str(path), full_check=True)
+            graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "bytes": _size(path)}
+            progress(f"[{i}/{len(specs)}] {spec.file}: {graphs[name]['bytes'] / 1e6:.2f} MB "
+                     f"in {time.perf_counter() - t0:.1f}s")
         sidecar = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "ressformer_opset": {"domain": DOMAIN, "version": OPSET_VERSION},
             "onnx_opset": opset, "ir_version": IR_VERSION, "dtype": dtype, "quantize": quantize,
-            **({"quantize_block_size": block_size, "flavour": "onnxruntime"} if quantize else {"flavour": "portable"}),
+            **({"quantize_block_size": block_size, "flavour": "onnxruntime", "expert_layer": expert_layer}
+               if quantize else {"flavour": "portable"}),
             "onnxruntime_ops": sorted(ort_ops),  # com.microsoft contrib ops the graphs use (none: portable)
             "config": cfg.to_dict(), "steps": cfg.n_steps,
             **({"trained_top_k": trained_top_k} if cfg.top_k != trained_top_k else {}),
@@ -320,6 +327,29 @@ def model_hash(sidecar: dict) -> str:
     `_model_hash`, the same three lines) and refuses an edited sidecar."""
     fields = {k: v for k, v in sidecar.items() if k not in ("model_sha256", "generation")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def resolve_expert_layer(cfg, experts: str, quantize: str, block_size: int) -> str:
+    """The expert layer a quantized export gets: qmoe | hybrid | dispatch (see export_checkpoint)."""
+    if experts == "dispatch" or not ort_moe.supported(cfg, block_size):
+        return "dispatch"
+    if experts == "auto":
+        size = cfg.n_experts * 2 * cfg.d_model * cfg.d_ff * QUANTIZE_BITS[quantize] // 8
+        return "dispatch" if size >= AUTO_DISPATCH_BYTES else "hybrid"
+    return experts
+
+
+def _build_graph(model, name, spec, cfg, opset, dtype, quantize, block_size, with_qmoe) -> onnx.ModelProto:
+    """One graph: exported (the experts as QMoE nodes if with_qmoe), fp16 weights or quantized."""
+    with contextlib.ExitStack() as stack:
+        if with_qmoe:  # the ONNX Runtime flavour's experts: one QMoE node per MoE call (export/ort_moe.py)
+            stack.enter_context(ort_moe.qmoe_layers(model, QUANTIZE_BITS[quantize], block_size))
+        proto = _export_graph(model, name, spec, cfg, opset)
+    if dtype == "fp16":
+        proto = _fp16_weights(proto)
+    if quantize:
+        proto = quantize_weights(proto, QUANTIZE_BITS[quantize], block_size)
+    return proto
 
 
 def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:

@@ -12,6 +12,15 @@ QMoE (onnxruntime contrib op, CPU kernel in onnxruntime >= 1.22): input (N, d), 
 scales (E, d, f / block), symmetric (zero point 2^(bits-1)), the layout MatMulNBits uses.
 Its GELU is the tanh approximation (<= 4.7e-4 from the exact GELU), one more reason the quantized
 export is judged by bits per byte (parity_tests/quality.py), not by tolerances.
+
+ONNX Runtime's CPU QMoE dequantizes the experts' weights per token (its cost grows linearly with the
+rows: 0.44 ms for one `base` token, 0.86 for two, 34 for 128), while MatMulNBits reads the int4
+weights once per call (2 experts x 2 MatMulNBits: 0.35 ms for one row, 20.5 for 128). So the
+default quantized piece graph is the **hybrid**: `If(Size(tokens) == 1)` runs the graph with one QMoE
+node per step (a decoded token: fewest nodes) and otherwise the graph with the sparse dispatch on
+MatMulNBits (prefill pieces, batches); both branches read one copy of the quantized weights
+(`switch_by_rows`). One If per run: an If per expert layer cost 5-10% of a decoded token (each
+If's setup), one per run ~1%.
 """
 
 from __future__ import annotations
@@ -56,10 +65,13 @@ def _qmoe_forward(self, x):
     _, experts = topk_route(logits, cfg.top_e)  # the graphs' `experts` diagnostic output
     y = torch.onnx.ops.symbolic(
         f"{DOMAIN}::QMoE", (xf, logits, self.q_w1, self.q_s1, self.b1, self.q_w2, self.q_s2, self.b2),
-        {"k": int(cfg.top_e), "activation_type": "gelu", "normalize_routing_weights": 1,
-         "expert_weight_bits": int(self.q_bits), "block_size": int(self.q_block), "accuracy_level": 4},
-        dtype=xf.dtype, shape=xf.shape, version=1)
+        _qmoe_attrs(self), dtype=xf.dtype, shape=xf.shape, version=1)
     return y.view(B, T, d), experts.view(B, T, -1), {}
+
+
+def _qmoe_attrs(moe) -> dict:
+    return {"k": int(moe.cfg.top_e), "activation_type": "gelu", "normalize_routing_weights": 1,
+            "expert_weight_bits": int(moe.q_bits), "block_size": int(moe.q_block), "accuracy_level": 4}
 
 
 @contextlib.contextmanager
@@ -83,3 +95,134 @@ def qmoe_layers(model, bits: int, block_size: int):
         for m in moes:
             for name in ("q_w1", "q_s1", "q_w2", "q_s2"):
                 delattr(m, name)
+
+
+def switch_by_rows(one, many, rows_input: str = "tokens"):
+    """One model from two exports of the same graph (same inputs and outputs): `If(Size(rows_input)
+    == 1)` runs `one`'s nodes (the QMoE flavour: a decoded token), else `many`'s (the dispatch:
+    prefill pieces, batches). One If per run; both branches read the outer graph's initializers,
+    equal ones stored once, and the dispatch's per-expert MatMulNBits weights become views of the
+    QMoE's stacked ones (`_share_expert_weights`): the file holds one copy of the weights."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g1, g2 = one.graph, many.graph
+    sig = [([(i.name, i.type.SerializeToString()) for i in g.input], [o.name for o in g.output]) for g in (g1, g2)]
+    if sig[0] != sig[1]:
+        raise ValueError("switch_by_rows: the two graphs differ in their inputs or outputs")
+    names = {i.name for i in g1.input}
+    if rows_input not in names:
+        raise ValueError(f"switch_by_rows: no input {rows_input!r}")
+    inits, by_bytes, branches = [], {}, []
+    for g, prefix in ((g1, "one/"), (g2, "many/")):
+        ren = {}
+        for t in g.initializer:
+            key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+            if key in by_bytes:
+                ren[t.name] = by_bytes[key]
+                continue
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            c.name = by_bytes[key] = ren[t.name] = prefix + t.name
+            inits.append(c)
+        for n in _walk(g):
+            for o in n.output:
+                if o:
+                    ren.setdefault(o, prefix + o)
+        nodes = [_copy(n) for n in g.node]
+        for n in _walk_nodes(nodes):
+            n.name = prefix + n.name if n.name else n.name
+            for j, i in enumerate(n.input):
+                n.input[j] = ren.get(i, i)
+            for j, o in enumerate(n.output):
+                n.output[j] = ren.get(o, o)
+        outs = []
+        for o in g.output:
+            v = onnx.ValueInfoProto()
+            v.CopyFrom(o)
+            v.name = ren.get(o.name, o.name)
+            if v.name == o.name:  # an input passed through: give the branch its own output name
+                nodes.append(helper.make_node("Identity", [o.name], [prefix + o.name], name=f"{prefix}out_{o.name}"))
+                v.name = prefix + o.name
+            outs.append(v)
+        branches.append(helper.make_graph(nodes, f"{g.name or 'graph'}_{prefix[:-1]}", [], outs))
+    main = [helper.make_node("Size", [rows_input], ["rows"], name="rows"),
+            helper.make_node("Constant", [], ["one_row"], name="one_row",
+                             value=numpy_helper.from_array(np.array(1, np.int64))),
+            helper.make_node("Equal", ["rows", "one_row"], ["is_one_row"], name="is_one_row"),
+            helper.make_node("If", ["is_one_row"], [o.name for o in g1.output], name="one_row_or_many",
+                             then_branch=branches[0], else_branch=branches[1])]
+    graph = helper.make_graph(main, g1.name, list(g1.input), list(g1.output), inits)
+    model = helper.make_model(graph, opset_imports=list({(o.domain, o.version): o for o in
+                                                         (*one.opset_import, *many.opset_import)}.values()))
+    model.ir_version, model.producer_name = one.ir_version, one.producer_name
+    fns = {(f.domain, f.name): f for f in (*one.functions, *many.functions)}
+    model.functions.extend(fns.values())
+    _share_expert_weights(model.graph)
+    return model
+
+
+def _walk_nodes(nodes):
+    for n in nodes:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _walk(a.g)
+
+
+def _walk(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _walk(a.g)
+
+
+def _copy(node):
+    import onnx
+
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    return c
+
+
+def _share_expert_weights(g) -> None:
+    """Each dispatch MatMulNBits weight (and scale) equal to expert e of a QMoE's stacked weight becomes
+    Reshape(Gather(stacked, e)): one copy on disk."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    stacked = {}
+    for n in _walk(g):
+        if n.op_type == "QMoE":
+            for name in (n.input[2], n.input[3], n.input[5], n.input[6]):
+                if name in inits and name not in stacked:
+                    stacked[name] = numpy_helper.to_array(inits[name])
+    slices = {}  # bytes of one expert's slice -> (stacked name, e)
+    for name, a in stacked.items():
+        for e in range(a.shape[0]):
+            slices.setdefault((a[e].dtype.str, a[e].tobytes()), (name, e))
+    weights = {name for n in _walk(g) if n.op_type == "MatMulNBits" for name in n.input[1:3]}
+    made, views = set(), []
+    for name in sorted(weights):
+        if name not in inits or name in stacked:
+            continue
+        a = numpy_helper.to_array(inits[name])
+        hit = slices.get((a.dtype.str, a.tobytes()))
+        if hit is None:
+            continue
+        src, e = hit
+        views += [helper.make_node("Constant", [], [f"{name}_expert"], name=f"{name}_expert_idx",
+                                   value=numpy_helper.from_array(np.array(e, np.int64))),
+                  helper.make_node("Constant", [], [f"{name}_shape"], name=f"{name}_shape_const",
+                                   value=numpy_helper.from_array(np.array(a.shape, np.int64))),
+                  helper.make_node("Gather", [src, f"{name}_expert"], [f"{name}_slice"], name=f"{name}_gather"),
+                  helper.make_node("Reshape", [f"{name}_slice", f"{name}_shape"], [name], name=f"{name}_view")]
+        made.add(name)
+    if not made:
+        return
+    live = [i for i in g.initializer if i.name not in made]
+    del g.initializer[:]
+    g.initializer.extend(live)
+    for v in reversed(views):
+        g.node.insert(0, v)

@@ -91,9 +91,12 @@ class VariantList(click.ParamType):
 @click.option("--quantize", default=None, type=Choice(["int8", "int4"], "unsupported quantization"),
               help="int8/int4: weight-only quantization of every weight MatMul (ONNX Runtime's MatMulNBits), "
                    "validated on bits per byte against PyTorch fp32")
-@click.option("--experts", default="qmoe", show_default=True, type=Choice(["qmoe", "dispatch"], "unknown expert layer"),
-              help="with --quantize: qmoe = one com.microsoft QMoE node per step (fewest nodes per token); "
-                   "dispatch = per-expert MatMulNBits (faster prefill on large models; runs in onnxruntime-web)")
+@click.option("--experts", default="auto", show_default=True,
+              type=Choice(["auto", "hybrid", "qmoe", "dispatch"], "unknown expert layer"),
+              help="with --quantize: hybrid = a decoded token runs one com.microsoft QMoE node per step, prefill "
+                   "pieces and batches per-expert MatMulNBits (one copy of the weights on disk, two in memory); "
+                   "qmoe = QMoE always (its CPU cost grows per row); dispatch = per-expert MatMulNBits only (runs "
+                   "in onnxruntime-web); auto = hybrid for small expert weights, dispatch from 8 MB of them")
 @click.option("--block-size", default="32", show_default=True,
               type=Choice(["16", "32", "64", "128", "256"], "unsupported block size"),
               help="with --quantize: weights per quantization scale")
@@ -122,7 +125,7 @@ def export(checkpoint, out, opset, dtype, quantize, experts, block_size, steps, 
 
     if block_size != "32" and not quantize:
         raise OptionError("--block-size applies to a quantized export: add --quantize int8 or int4")
-    if experts != "qmoe" and not quantize:
+    if experts != "auto" and not quantize:
         raise OptionError("--experts applies to a quantized export: add --quantize int8 or int4")
     export_checkpoint(checkpoint, out, opset=opset, dtype=dtype, quantize=quantize, block_size=int(block_size),
                       experts=experts,

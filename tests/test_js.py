@@ -114,9 +114,10 @@ def test_browser_demo_streams_python_greedy_text(js_references, tmp_path):
         server.close()
 
 
-@pytest.mark.parametrize("experts,backend", [("qmoe", "onnxruntime-node"), ("dispatch", "onnxruntime-web")])
+@pytest.mark.parametrize("experts,backend", [("hybrid", "onnxruntime-node"), ("dispatch", "onnxruntime-web")])
 def test_node_runtime_runs_the_quantized_flavour(tiny_checkpoint, tmp_path, experts, backend):
-    """An int4 export in the JavaScript runtime: with QMoE experts (MatMulNBits + QMoE) on onnxruntime-node,
+    """An int4 export in the JavaScript runtime: the hybrid experts (If(one token): QMoE, else the dispatch on
+    MatMulNBits; the prompt runs the dispatch, the generated tokens QMoE) on onnxruntime-node,
     with the dispatch (MatMulNBits only) on onnxruntime-web (WebAssembly, as in a browser): the same logits
     as the Python runtime on the same graphs (two segment ends), the same greedy tokens."""
     import numpy as np
@@ -126,7 +127,7 @@ def test_node_runtime_runs_the_quantized_flavour(tiny_checkpoint, tmp_path, expe
     ex = export_checkpoint(tiny_checkpoint, tmp_path / "int4", quantize="int4", experts=experts, validate=None,
                            progress=lambda s: None)
     ops = json.loads((ex / "ressformer.json").read_text())["onnxruntime_ops"]
-    assert ops == (["MatMulNBits", "QMoE"] if experts == "qmoe" else ["MatMulNBits"])
+    assert ops == (["MatMulNBits", "QMoE"] if experts == "hybrid" else ["MatMulNBits"])
     ids = np.random.default_rng(0).integers(0, 256, (1, 70))
     s = ReSSFormerSession(ex, threads=1)
     want = s.forward(ids)[0][0]

@@ -7,6 +7,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from ressformer.export.exporter import export_checkpoint
+from ressformer.export.ops import _all_nodes as _nodes
 from ressformer.parity.ladder import validate_export
 from ressformer.parity.quality import BUDGETS, check_quality
 from ressformer.runtime import ModelError, ReSSFormerSession
@@ -23,31 +24,84 @@ def int4_export(tiny_checkpoint, tmp_path_factory):
 
 def _weight_matmuls(g):
     inits = {i.name for i in g.initializer}
-    return [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    return [n.name for n in _nodes(g) if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+
+
+def _branches(g):
+    """(then, else) graphs of the piece graph's one If."""
+    ifs = [n for n in g.node if n.op_type == "If"]
+    assert len(ifs) == 1
+    return tuple(next(a.g for a in ifs[0].attribute if a.name == b) for b in ("then_branch", "else_branch"))
 
 
 def test_int4_covers_every_weight_matmul(int4_export):
-    """Attention, experts (QMoE), memory update and head: no float weight MatMul is left but the routers."""
+    """Attention, experts, memory update and head: no float weight MatMul is left but the routers."""
     meta = json.loads((int4_export / "ressformer.json").read_text())
     assert meta["quantize"] == "int4" and meta["quantize_block_size"] == 32 and meta["flavour"] == "onnxruntime"
-    assert meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"]
+    assert meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"] and meta["expert_layer"] == "hybrid"  # auto, tiny
     assert set(meta["graphs"]) == {"init", "piece_k2", "segment_end_k2"}  # no step graphs unless asked
     for name in ("piece_k2", "segment_end_k2"):
         g = onnx.load(str(int4_export / meta["graphs"][name]["file"])).graph
         left = _weight_matmuls(g)
-        assert all(n.op_type == "Gemm" for n in g.node if n.name in left)  # the routers' E-wide Gemms only
-        ops = [n.op_type for n in g.node]
+        assert all(n.op_type == "Gemm" for n in _nodes(g) if n.name in left)  # the routers' E-wide Gemms only
+        ops = [n.op_type for n in _nodes(g)]
         assert ops.count("MatMulNBits") >= 3 and all(
-            a.i == 4 for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
-    piece = onnx.load(str(int4_export / "piece_k2.onnx")).graph
-    assert sum(n.op_type == "QMoE" for n in piece.node) == 2  # one per unrolled step
-    assert not [n for n in piece.node if n.op_type in ("NonZero", "ScatterND")]  # no sparse dispatch left
+            a.i == 4 for n in _nodes(g) if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+
+
+def test_hybrid_runs_qmoe_for_one_token_and_the_dispatch_otherwise(int4_export, tiny_checkpoint, tmp_path):
+    """The hybrid piece graph: If(one token) holds the QMoE graph (one node per step, no dispatch), else the
+    dispatch graph (per-expert MatMulNBits, no QMoE); its file holds one copy of the expert weights (the
+    dispatch's are views of QMoE's stacked ones). Each branch gives what the export of its flavour gives:
+    a decoded token the qmoe export's logits, a prefill the dispatch export's."""
+    g = onnx.load(str(int4_export / "piece_k2.onnx")).graph
+    one, many = _branches(g)
+    ops = [[n.op_type for n in _nodes(b)] for b in (one, many)]
+    assert ops[0].count("QMoE") == 2 and "NonZero" not in ops[0]  # one node per step
+    assert "QMoE" not in ops[1] and ops[1].count("NonZero") == 8  # 4 experts x 2 steps
+    inits = {i.name: i for i in g.initializer}
+    expert_w = {n.input[1] for n in _nodes(many) if n.op_type == "MatMulNBits"} - {
+        n.input[1] for n in _nodes(one) if n.op_type == "MatMulNBits"}  # the experts' (the rest is shared)
+    assert len(expert_w) == 2 * 4 and not expert_w & set(inits)  # views (Gather + Reshape), not stored again
+    flavours = {e: export_checkpoint(tiny_checkpoint, tmp_path / e, quantize="int4", experts=e, validate=None,
+                                     progress=lambda s: None) for e in ("qmoe", "dispatch")}
+    stored = {k: sum(i.ByteSize() for i in onnx.load(str(d / "piece_k2.onnx")).graph.initializer)
+              for k, d in [("hybrid", int4_export), *flavours.items()]}
+    assert stored["hybrid"] <= 1.05 * stored["qmoe"], stored
+    ids = np.random.default_rng(0).integers(0, 256, (1, 45))  # a segment end (32), then 13 tokens
+    runs = {}
+    for name, d in [("hybrid", int4_export), *flavours.items()]:
+        sess = ReSSFormerSession(d, threads=1)
+        pre = sess.forward(ids)[0][0]  # pieces of 32 and 13 tokens
+        dec, st = [], None
+        for t in range(ids.shape[1]):  # one token per run, across the segment end
+            lo, st = sess.forward(ids[:, t:t + 1], st)
+            dec.append(lo[0, 0])
+        runs[name] = (pre, np.stack(dec))
+    np.testing.assert_allclose(runs["hybrid"][0], runs["dispatch"][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(runs["hybrid"][1], runs["qmoe"][1], atol=1e-5, rtol=0)
+    assert np.abs(runs["qmoe"][1] - runs["dispatch"][1]).max() > 1e-4  # so the two branches really differ
+
+
+def test_auto_expert_layer():
+    """auto: the hybrid while the quantized experts are small, the dispatch from AUTO_DISPATCH_BYTES on;
+    QMoE needs the block size to divide d_model and d_ff."""
+    from ressformer.export.exporter import AUTO_DISPATCH_BYTES, resolve_expert_layer
+
+    from ressformer import ReSSFormerConfig
+
+    tiny, base = ReSSFormerConfig.preset("tiny"), ReSSFormerConfig.preset("base")
+    assert resolve_expert_layer(tiny, "auto", "int4", 32) == "hybrid"
+    assert resolve_expert_layer(base, "auto", "int4", 32) == "dispatch"  # 18.9 MB of int4 experts
+    assert 8 * 2 * 768 * 3072 // 2 >= AUTO_DISPATCH_BYTES > 8 * 2 * 256 * 512  # base vs small, int8 too
+    assert resolve_expert_layer(base, "hybrid", "int4", 32) == "hybrid"
+    assert resolve_expert_layer(tiny, "qmoe", "int8", 256) == "dispatch"  # 256 divides neither 64 nor 128
 
 
 def test_quantized_export_is_validated_on_quality(int4_export):
     rep = json.loads((int4_export / "validation.json").read_text())
     q = rep["quality"]
-    assert rep["passed"] and q["mode"] == "int4" and q["bytes"] == 8192
+    assert rep["passed"] and q["mode"] == "int4" and q["bytes"] == 8192 and q["decoded_positions"] == 256
     assert abs(q["bpb_delta"]) <= BUDGETS["int4"]["bpb"] and q["top1_agreement"] >= BUDGETS["int4"]["top1"]
     card = (int4_export / "README.md").read_text()
     assert "bits per byte" in card and f"{q['bpb_delta']:+.4f}" in card and "MatMulNBits" in card
@@ -84,7 +138,7 @@ def test_int8_and_block_size(tiny_checkpoint, tmp_path):
     meta = json.loads((out / "ressformer.json").read_text())
     assert meta["quantize_block_size"] == 16
     g = onnx.load(str(out / "piece_k2.onnx")).graph
-    attrs = {a.name: a.i for n in g.node if n.op_type == "QMoE" for a in n.attribute}
+    attrs = {a.name: a.i for n in _nodes(g) if n.op_type == "QMoE" for a in n.attribute}
     assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 16
     rep = check_quality(load_checkpoint(tiny_checkpoint), out)
     assert rep["passed"] and rep["quality"]["bpb_delta"] <= BUDGETS["int8"]["bpb"], rep["summary"]
