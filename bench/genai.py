@@ -49,7 +49,9 @@ from ressformer.bench import dense as db
 LENGTHS = (128, 2048, 8192, 32768)
 SMOKE_LENGTHS = (64, 128)
 DECODE_TOKENS = 64
-RESS_VARIANTS = ("fp32", "int8", "int4")
+RESS_VARIANTS = ("fp32", "int8", "int4")  # the default set; int8/int4 take the exporter's expert layer (auto)
+EXPERT_VARIANTS = tuple(f"{q}-{e}" for q in ("int8", "int4") for e in ("hybrid", "qmoe", "dispatch"))
+ALL_VARIANTS = RESS_VARIANTS + EXPERT_VARIANTS  # int4-hybrid: int4 with that expert layer
 GENAI_VARIANTS = ("fp32", "int4")
 REFERENCE = "genai int4"  # the ratios' denominator: what users pick today
 FF_MULTIPLE = 32  # SwiGLU width: a multiple of MatMulNBits' block (32)
@@ -301,7 +303,7 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
         raise ValueError(f"lengths must be positive integers, got {lengths}")
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be >= 1, got {decode_tokens}")
-    variants = _variants(variants, RESS_VARIANTS, "variants")
+    variants = _variants(variants, ALL_VARIANTS, "variants")
     genai_variants = _variants(genai_variants, GENAI_VARIANTS, "genai variants")
     import onnxruntime_genai as og  # the genai extra: fail before any export
 
@@ -391,7 +393,9 @@ def _export_variant(ckpt, out: Path, variant: str, progress) -> dict:
     e = {"name": engine_name("ressformer", variant), "kind": "ressformer", "variant": variant, "path": str(out)}
     logging.disable(logging.WARNING)  # ONNX Runtime's quantizer warns once per graph ("consider pre-processing")
     try:
-        export_checkpoint(ckpt, out, quantize=None if variant == "fp32" else variant, validate=None, overwrite=True,
+        quantize, _, experts = variant.partition("-")  # int4-hybrid: int4 with the hybrid expert layer
+        export_checkpoint(ckpt, out, quantize=None if quantize == "fp32" else quantize, experts=experts or "auto",
+                          validate=None, overwrite=True,
                           progress=lambda s: None)
     except (ValueError, RuntimeError) as err:  # e.g. a quantization this exporter does not know (yet)
         e |= {"status": f"failed: {str(err).splitlines()[0][:200]}", "disk_mb": None}
@@ -568,7 +572,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lengths", type=db._lengths, help="comma-separated context lengths (default 128,2048,8192,32768)")
     p.add_argument("--variants", default=",".join(RESS_VARIANTS),
-                   help=f"ReSSFormer exports, from {','.join(RESS_VARIANTS)}")
+                   help=f"ReSSFormer exports, from {','.join(ALL_VARIANTS)}")
     p.add_argument("--genai-variants", default=",".join(GENAI_VARIANTS), help="genai builds, from fp32,int4")
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     p.add_argument("--heads", type=int, help="Llama attention heads (default: head_dim 64)")
@@ -580,7 +584,7 @@ def main(argv=None):
     if a.threads < 1:
         p.error("--threads must be >= 1")
     try:
-        variants = _variants(a.variants, RESS_VARIANTS, "--variants")
+        variants = _variants(a.variants, ALL_VARIANTS, "--variants")
         gvariants = _variants(a.genai_variants, GENAI_VARIANTS, "--genai-variants")
     except ValueError as e:
         p.error(str(e))

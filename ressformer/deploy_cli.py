@@ -69,7 +69,8 @@ class VariantList(click.ParamType):
     """Comma-separated ReSSFormer export variants for `bench --against`: `fp32,int8,int4`."""
 
     name = "V,V,..."
-    choices = ("fp32", "int8", "int4")  # = ressformer.bench.genai.RESS_VARIANTS (that module loads onnxruntime)
+    # = ressformer.bench.genai.ALL_VARIANTS (that module loads onnxruntime): int4-hybrid = int4, hybrid experts
+    choices = ("fp32", "int8", "int4", *(f"{q}-{e}" for q in ("int8", "int4") for e in ("hybrid", "qmoe", "dispatch")))
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):

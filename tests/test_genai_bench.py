@@ -161,6 +161,10 @@ def test_variants_are_checked():
         gb._variants(" , ", gb.RESS_VARIANTS, "v")
     with pytest.raises(ValueError, match="'int8'"):
         gb._variants("int8", gb.GENAI_VARIANTS, "genai")
+    assert gb._variants("int4-hybrid,int4-dispatch", gb.ALL_VARIANTS, "v") == ["int4-hybrid", "int4-dispatch"]
+    from ressformer.deploy_cli import VariantList
+
+    assert VariantList.choices == gb.ALL_VARIANTS  # the CLI's copy (it must not import onnxruntime)
     with pytest.raises(ValueError, match="unknown genai precision"):
         gb.build_genai("x", "y", "int8", "z")
 
