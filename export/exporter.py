@@ -207,6 +207,9 @@ def write_model_card(folder: str | os.PathLike, sidecar: dict, report: dict | No
     weights = (f"{q} weight MatMuls (weight-only, ONNX Runtime's MatMulNBits, {sidecar['quantize_block_size']} "
                "weights per float32 scale; the routers and the embedding stay float32)" if q else
                "float32" if sidecar["dtype"] == "fp32" else "float16 (computation in float32)")
+    if q and sidecar.get("expert_layer"):
+        weights += "; experts: " + {"hybrid": "QMoE for a decoded token, the dispatch on MatMulNBits for prefill",
+                                    "qmoe": "QMoE", "dispatch": "the dispatch on MatMulNBits"}[sidecar["expert_layer"]]
     ort_ops = ", ".join(sidecar.get("onnxruntime_ops", []))
     flavour = (f"ONNX Runtime flavour: `com.microsoft` {ort_ops} (onnxruntime, onnxruntime-node/web >= 1.31)"
                if q else "portable: standard ONNX ops and ONNX functions only")

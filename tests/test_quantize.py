@@ -208,3 +208,14 @@ def test_pieces_are_bounded_and_equal_the_whole(tiny_export):
     np.testing.assert_allclose(sa.memory, sb.memory, atol=2e-5)
     with pytest.raises(ValueError, match="max_piece"):
         ReSSFormerSession(tiny_export, max_piece=0)
+
+
+def test_sessions_run_without_the_cpu_memory_arena(tiny_export):
+    """The arena would keep a prefill's peak allocations for the session's life: off unless asked for, and
+    the numbers do not depend on it."""
+    x = np.random.default_rng(2).integers(0, 256, (1, 40))
+    off = ReSSFormerSession(tiny_export, threads=1)
+    on = ReSSFormerSession(tiny_export, threads=1, memory_arena=True)
+    assert all(not g.sess.get_session_options().enable_cpu_mem_arena for g in off.graphs.values())
+    assert all(g.sess.get_session_options().enable_cpu_mem_arena for g in on.graphs.values())
+    np.testing.assert_array_equal(off.forward(x)[0], on.forward(x)[0])

@@ -72,7 +72,9 @@ export async function load(source, options = {}) {
   }
   const roles = chosen === 'unrolled' ? [['init', 'init'], ['piece', names.piece], ['end', names.segment_end]]
     : [['init', 'init'], ['embed', 'embed'], ['step', 'step'], ['head', 'head'], ['memory', 'memory']];
-  const base = { graphOptimizationLevel: 'all', logSeverityLevel: 3, ...sessionOptions };
+  // no CPU memory arena: it keeps a prefill's peak allocations (rounded up) for the session's life
+  // (Python runtime: peak RSS 351 -> 296 MB after 2,048 tokens at `base` int4, speed unchanged)
+  const base = { graphOptimizationLevel: 'all', logSeverityLevel: 3, enableCpuMemArena: false, ...sessionOptions };
   if (executionProviders) base.executionProviders = executionProviders;
   if (threads) Object.assign(base, { intraOpNumThreads: threads, interOpNumThreads: 1 });
   const graphs = {};
