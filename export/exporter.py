@@ -47,9 +47,10 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 EXPERT_LAYERS = ("auto", "hybrid", "qmoe", "dispatch")
-# auto: the hybrid while the quantized experts are small (its second in-memory copy of them is cheap and
-# the dispatch's ~580 extra nodes per token dominate a decoded token), the dispatch from this size on
-# (base int4: 18.9 MB; the hybrid loads ~60 MB more, the dispatch decodes ~4% slower; docs/performance.md)
+# auto: QMoE while the quantized experts are small (a decoded token is bound by its node count: the
+# dispatch's ~580 extra nodes per token dominate), the dispatch from this size on (ONNX Runtime's CPU
+# QMoE dequantizes per row: `base` int4, 18.9 MB of experts, prefills 1.5x faster with the dispatch).
+# hybrid (both, under one If) is opt-in: fastest at `base`, but two in-memory copies of the experts.
 AUTO_DISPATCH_BYTES = 8_000_000
 # Opset 20: GELU exports as one `Gelu` node instead of five (Div, Erf, Add, Mul, Mul), 32 fewer nodes
 # per decoded token for `small` (docs/performance.md)
@@ -76,7 +77,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
     com.microsoft QMoE node per step for a decoded token, the sparse dispatch on MatMulNBits for prefill
     pieces and batches, one copy of the weights on disk but two in memory), "qmoe" (QMoE always: fewest
     nodes, but ONNX Runtime's CPU QMoE costs grow per row), "dispatch" (MatMulNBits only, as
-    onnxruntime-web has) or "auto" (hybrid below AUTO_DISPATCH_BYTES of quantized expert weights, else
+    onnxruntime-web has) or "auto" (qmoe below AUTO_DISPATCH_BYTES of quantized expert weights, else
     dispatch). QMoE needs d_model and d_ff divisible by the block size; otherwise all export the dispatch.
 
     top_k: keys per query at test time (None: the trained top_k). The weights do not depend on it: the
@@ -338,7 +339,7 @@ def resolve_expert_layer(cfg, experts: str, quantize: str, block_size: int) -> s
         return "dispatch"
     if experts == "auto":
         size = cfg.n_experts * 2 * cfg.d_model * cfg.d_ff * QUANTIZE_BITS[quantize] // 8
-        return "dispatch" if size >= AUTO_DISPATCH_BYTES else "hybrid"
+        return "dispatch" if size >= AUTO_DISPATCH_BYTES else "qmoe"
     return experts
 
 

@@ -97,7 +97,7 @@ class VariantList(click.ParamType):
               help="with --quantize: hybrid = a decoded token runs one com.microsoft QMoE node per step, prefill "
                    "pieces and batches per-expert MatMulNBits (one copy of the weights on disk, two in memory); "
                    "qmoe = QMoE always (its CPU cost grows per row); dispatch = per-expert MatMulNBits only (runs "
-                   "in onnxruntime-web); auto = hybrid for small expert weights, dispatch from 8 MB of them")
+                   "in onnxruntime-web); auto = qmoe for small expert weights, dispatch from 8 MB of them")
 @click.option("--block-size", default="32", show_default=True,
               type=Choice(["16", "32", "64", "128", "256"], "unsupported block size"),
               help="with --quantize: weights per quantization scale")

@@ -38,7 +38,7 @@ def test_int4_covers_every_weight_matmul(int4_export):
     """Attention, experts, memory update and head: no float weight MatMul is left but the routers."""
     meta = json.loads((int4_export / "ressformer.json").read_text())
     assert meta["quantize"] == "int4" and meta["quantize_block_size"] == 32 and meta["flavour"] == "onnxruntime"
-    assert meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"] and meta["expert_layer"] == "hybrid"  # auto, tiny
+    assert meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"] and meta["expert_layer"] == "qmoe"  # auto, tiny
     assert set(meta["graphs"]) == {"init", "piece_k2", "segment_end_k2"}  # no step graphs unless asked
     for name in ("piece_k2", "segment_end_k2"):
         g = onnx.load(str(int4_export / meta["graphs"][name]["file"])).graph
@@ -54,7 +54,12 @@ def test_hybrid_runs_qmoe_for_one_token_and_the_dispatch_otherwise(int4_export, 
     dispatch graph (per-expert MatMulNBits, no QMoE); its file holds one copy of the expert weights (the
     dispatch's are views of QMoE's stacked ones). Each branch gives what the export of its flavour gives:
     a decoded token the qmoe export's logits, a prefill the dispatch export's."""
-    g = onnx.load(str(int4_export / "piece_k2.onnx")).graph
+    ex = {e: export_checkpoint(tiny_checkpoint, tmp_path / e, quantize="int4", experts=e, validate=None,
+                               progress=lambda s: None) for e in ("hybrid", "dispatch")}
+    ex["qmoe"] = int4_export  # auto at tiny
+    meta = json.loads((ex["hybrid"] / "ressformer.json").read_text())
+    assert meta["expert_layer"] == "hybrid" and meta["onnxruntime_ops"] == ["MatMulNBits", "QMoE"]
+    g = onnx.load(str(ex["hybrid"] / "piece_k2.onnx")).graph
     one, many = _branches(g)
     ops = [[n.op_type for n in _nodes(b)] for b in (one, many)]
     assert ops[0].count("QMoE") == 2 and "NonZero" not in ops[0]  # one node per step
@@ -63,14 +68,12 @@ def test_hybrid_runs_qmoe_for_one_token_and_the_dispatch_otherwise(int4_export, 
     expert_w = {n.input[1] for n in _nodes(many) if n.op_type == "MatMulNBits"} - {
         n.input[1] for n in _nodes(one) if n.op_type == "MatMulNBits"}  # the experts' (the rest is shared)
     assert len(expert_w) == 2 * 4 and not expert_w & set(inits)  # views (Gather + Reshape), not stored again
-    flavours = {e: export_checkpoint(tiny_checkpoint, tmp_path / e, quantize="int4", experts=e, validate=None,
-                                     progress=lambda s: None) for e in ("qmoe", "dispatch")}
     stored = {k: sum(i.ByteSize() for i in onnx.load(str(d / "piece_k2.onnx")).graph.initializer)
-              for k, d in [("hybrid", int4_export), *flavours.items()]}
+              for k, d in ex.items()}
     assert stored["hybrid"] <= 1.05 * stored["qmoe"], stored
     ids = np.random.default_rng(0).integers(0, 256, (1, 45))  # a segment end (32), then 13 tokens
     runs = {}
-    for name, d in [("hybrid", int4_export), *flavours.items()]:
+    for name, d in ex.items():
         sess = ReSSFormerSession(d, threads=1)
         pre = sess.forward(ids)[0][0]  # pieces of 32 and 13 tokens
         dec, st = [], None
@@ -81,17 +84,19 @@ def test_hybrid_runs_qmoe_for_one_token_and_the_dispatch_otherwise(int4_export, 
     np.testing.assert_allclose(runs["hybrid"][0], runs["dispatch"][0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(runs["hybrid"][1], runs["qmoe"][1], atol=1e-5, rtol=0)
     assert np.abs(runs["qmoe"][1] - runs["dispatch"][1]).max() > 1e-4  # so the two branches really differ
+    rep = check_quality(load_checkpoint(tiny_checkpoint), ex["hybrid"])  # its last 256 bytes: the QMoE graph
+    assert rep["passed"] and rep["quality"]["decoded_positions"] == 256, rep["summary"]
 
 
 def test_auto_expert_layer():
-    """auto: the hybrid while the quantized experts are small, the dispatch from AUTO_DISPATCH_BYTES on;
-    QMoE needs the block size to divide d_model and d_ff."""
+    """auto: QMoE while the quantized experts are small, the dispatch from AUTO_DISPATCH_BYTES on; QMoE
+    needs the block size to divide d_model and d_ff."""
     from ressformer.export.exporter import AUTO_DISPATCH_BYTES, resolve_expert_layer
 
     from ressformer import ReSSFormerConfig
 
     tiny, base = ReSSFormerConfig.preset("tiny"), ReSSFormerConfig.preset("base")
-    assert resolve_expert_layer(tiny, "auto", "int4", 32) == "hybrid"
+    assert resolve_expert_layer(tiny, "auto", "int4", 32) == "qmoe"
     assert resolve_expert_layer(base, "auto", "int4", 32) == "dispatch"  # 18.9 MB of int4 experts
     assert 8 * 2 * 768 * 3072 // 2 >= AUTO_DISPATCH_BYTES > 8 * 2 * 256 * 512  # base vs small, int8 too
     assert resolve_expert_layer(base, "hybrid", "int4", 32) == "hybrid"
