@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from dataclasses import field as _field
@@ -74,7 +75,8 @@ class RuntimeState:
 
     A session appends a piece's keys/values into the buffers in place when the state is the latest
     one written to them (`tip`), else into a copy: states stay values (advancing an older state
-    twice gives the same results as advancing copies)."""
+    twice gives the same results as advancing copies). A state the session returned is checked once, when
+    made; one built or replaced by hand (`dataclasses.replace`) is checked on every use (_validate_state)."""
 
     pos: int
     conv: object
@@ -232,6 +234,10 @@ class ReSSFormerSession:
         # checked and ready; another path's (the step graphs, another K) on first use.
         self.graphs = _LazyGraphs(load)
         self._tip_lock = threading.Lock()
+        # States this session returned (by identity, weakly): RuntimeState is frozen, so one of them still
+        # holds what the session made and skips _validate_state (its finiteness scans cost ~0.1 ms a token at
+        # `base`); a state built or replaced by hand is validated.
+        self._issued: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         for name in self.graph_names(self.steps):
             self.graphs[name]
 
@@ -326,8 +332,8 @@ class ReSSFormerSession:
             if not isinstance(v, (np.ndarray, ort.OrtValue)):
                 raise TypeError(f"state.{name} must be a float32 array, got {type(v).__name__}")
             dtype = v.dtype if isinstance(v, np.ndarray) else v.data_type()
-            if dtype not in (np.float32, "tensor(float)"):
-                raise TypeError(f"state.{name} must be float32, got {dtype}")
+            if dtype != (np.float32 if isinstance(v, np.ndarray) else "tensor(float)"):  # (a numpy dtype compared
+                raise TypeError(f"state.{name} must be float32, got {dtype}")  # with a str parses it: slow)
         B, S, H, D, L, C = s.batch, s.steps, self.n_heads, self.head_dim, self.segment_len, self.cache_len
         for name in ("pos", "cache_valid", "batch"):
             v = getattr(s, name)
@@ -401,7 +407,7 @@ class ReSSFormerSession:
                 return k, v, tip
         return k, v, None
 
-    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int) -> RuntimeState:
+    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int, **more) -> RuntimeState:
         """The state with the piece's T keys/values per step (S, B, H, T, D) written at row P of the
         claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of
         the P valid rows: fed first, grown after, so a piece reads at most the capacity it found."""
@@ -414,7 +420,7 @@ class ReSSFormerSession:
             tip = _Tip(nk, nv, -1)
         tip.k[..., P:P + T, :], tip.v[..., P:P + T, :] = _host(new_k), _host(new_v)
         tip.n = P + T
-        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L)
+        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L, **more)
 
     def _segment_ended(self, state: RuntimeState, memory, mem_k, mem_v, cache_k, cache_v) -> RuntimeState:
         empty = np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32)
@@ -442,14 +448,16 @@ class ReSSFormerSession:
         B, T = tokens.shape
         if state is not None and not isinstance(state, RuntimeState):
             raise TypeError(f"state must be a RuntimeState (from init_state or forward), got {type(state).__name__}")
-        if state is not None:
+        if state is not None and self._issued.get(id(state)) is not state:  # made here: frozen, already valid
             self._validate_state(state)
         steps = self._check_steps(steps if steps is not None else state.steps if state is not None else self.steps)
         path = self.path_for(steps, path if path is not None else state.path if state is not None else None)
         if state is None:
             state = self.init_state(B, steps, path)
         self._check_state(state, B, steps, path)
-        return self._advance(tokens, state, diagnostics, keep_all)
+        logits, state = self._advance(tokens, state, diagnostics, keep_all)
+        self._issued[id(state)] = state
+        return logits, state
 
     def _advance(self, tokens: np.ndarray, state: RuntimeState, diagnostics=None, keep_all: bool = True):
         """forward after its checks: checked int64 tokens (B, T), a state this session made."""
@@ -480,7 +488,7 @@ class ReSSFormerSession:
                                   state.pos % self.segment_len)
             diagnostics += [{"attn_idx": idx[t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
                              "new_k": d["new_k"][t]} for t in range(S)]
-        new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
+        new = self._appended(state, fed, r["new_k"], r["new_v"], T, conv=r["conv_out"])
         if new.pos % self.segment_len == 0:  # the buffers hold the whole segment: (S, B, H, L, D)
             e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k, "seg_v": new.past_v})
             new = self._segment_ended(new, e["memory_out"], e["mem_k_out"], e["mem_v_out"], e["cache_k_out"],

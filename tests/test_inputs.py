@@ -437,6 +437,25 @@ def test_a_hand_edited_state_is_refused_naming_the_field(sess):
         assert name
 
 
+def test_only_states_not_made_by_the_session_are_validated(sess, monkeypatch):
+    """A state this session returned is frozen and skips the per-token checks (their finiteness scans are
+    the costly part); a copy or an edit of it, or a state from another session, is checked."""
+    from ressformer.runtime import ReSSFormerSession
+
+    _, s = sess.forward(np.arange(40)[None] % 256)
+    calls = []
+    real = sess._validate_state
+    monkeypatch.setattr(sess, "_validate_state", lambda st: calls.append(st) or real(st))
+    a, s2 = sess.forward(np.array([[7]]), s)
+    assert calls == []
+    b, _ = sess.forward(np.array([[7]]), replace(s))  # a copy: the same values, checked
+    assert len(calls) == 1 and np.array_equal(a, b)
+    other = ReSSFormerSession(sess.dir, threads=1)
+    monkeypatch.setattr(other, "_validate_state", lambda st: calls.append(st) or real(st))
+    other.forward(np.array([[7]]), s2)
+    assert len(calls) == 2
+
+
 def test_states_held_as_ortvalues_are_validated_too(sess):
     """On CUDA a state's tensors are OrtValues: the same checks read their dtype and shape (here on CPU)."""
     import onnxruntime as ort
