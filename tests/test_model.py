@@ -131,6 +131,18 @@ def test_struct_loss_matches_dense():
     db = torch.zeros(B, H, T, N).scatter(-1, ib, wb)
     dense = ((da - db) ** 2).sum(-1).mean()
     torch.testing.assert_close(structural_continuity(ia, wa, ib, wb), dense)
+    # float64: the same value and gradients as the dense rows' (autograd through both)
+    wa64, wb64 = (w.double().requires_grad_() for w in (wa, wb))
+    got = structural_continuity(ia, wa64, ib, wb64)
+    ga = torch.autograd.grad(got, (wa64, wb64))
+    wa2, wb2 = (w.double().requires_grad_() for w in (wa, wb))
+    ref = ((torch.zeros(B, H, T, N, dtype=torch.float64).scatter(-1, ia, wa2)
+            - torch.zeros(B, H, T, N, dtype=torch.float64).scatter(-1, ib, wb2)) ** 2).sum(-1).mean()
+    gr = torch.autograd.grad(ref, (wa2, wb2))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    for x, y in zip(ga, gr):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    assert structural_continuity(ia[:, :, :0], wa[:, :, :0], ib[:, :, :0], wb[:, :, :0]) == 0
 
 
 def test_sparse_moe_equals_dense(model):
