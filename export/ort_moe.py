@@ -163,6 +163,7 @@ def switch_by_rows(one, many, rows_input: str = "tokens"):
 
 
 def _walk_nodes(nodes):
+    """The nodes and, recursively, those of their subgraphs (export/ops.py's _all_nodes for a list)."""
     for n in nodes:
         yield n
         for a in n.attribute:
@@ -171,11 +172,7 @@ def _walk_nodes(nodes):
 
 
 def _walk(graph):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.g.node:
-                yield from _walk(a.g)
+    return _walk_nodes(graph.node)
 
 
 def _copy(node):
