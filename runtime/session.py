@@ -407,7 +407,7 @@ class ReSSFormerSession:
                 return k, v, tip
         return k, v, None
 
-    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int, **more) -> RuntimeState:
+    def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int) -> RuntimeState:
         """The state with the piece's T keys/values per step (S, B, H, T, D) written at row P of the
         claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of
         the P valid rows: fed first, grown after, so a piece reads at most the capacity it found."""
@@ -420,7 +420,7 @@ class ReSSFormerSession:
             tip = _Tip(nk, nv, -1)
         tip.k[..., P:P + T, :], tip.v[..., P:P + T, :] = _host(new_k), _host(new_v)
         tip.n = P + T
-        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L, **more)
+        return replace(state, pos=state.pos + T, past_k=tip.k, past_v=tip.v, tip=tip, past_len=(P + T) % L)
 
     def _segment_ended(self, state: RuntimeState, memory, mem_k, mem_v, cache_k, cache_v) -> RuntimeState:
         empty = np.zeros((state.steps, state.batch, self.n_heads, 0, self.head_dim), np.float32)
@@ -488,7 +488,7 @@ class ReSSFormerSession:
                                   state.pos % self.segment_len)
             diagnostics += [{"attn_idx": idx[t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
                              "new_k": d["new_k"][t]} for t in range(S)]
-        new = self._appended(state, fed, r["new_k"], r["new_v"], T, conv=r["conv_out"])
+        new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
         if new.pos % self.segment_len == 0:  # the buffers hold the whole segment: (S, B, H, L, D)
             e = self.graphs[names["segment_end"]].run({"memory": new.memory, "seg_k": new.past_k, "seg_v": new.past_v})
             new = self._segment_ended(new, e["memory_out"], e["mem_k_out"], e["mem_v_out"], e["cache_k_out"],
