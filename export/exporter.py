@@ -137,19 +137,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ops
                          "step graphs (step_graphs / --step-graphs), which run any K")
     specs = graph_specs(cfg, steps_list, step_graphs=step_graphs)
     expert_layer = resolve_expert_layer(cfg, experts, quantize, block_size) if quantize else None
-    qmoe = expert_layer in ("qmoe", "hybrid")
-    hybrid = expert_layer == "hybrid"  # piece graphs: If(one token) QMoE else dispatch; the others dispatch
     tmp = fsutil.make_tmp_dir(parent / out.name)  # .NAME.tmp-PID-*: removed by a later run if this one dies
     t_start = time.perf_counter()
     try:
         graphs, ort_ops = {}, set()
         for i, (name, spec) in enumerate(specs.items(), 1):
             t0 = time.perf_counter()
-            if hybrid and name.startswith("piece_k"):  # one token: the QMoE graph; more: the dispatch graph
+            if expert_layer == "hybrid" and name.startswith("piece_k"):  # one token: QMoE; more: the dispatch
                 proto = ort_moe.switch_by_rows(*(_build_graph(model, name, spec, cfg, opset, dtype, quantize,
                                                               block_size, with_qmoe) for with_qmoe in (True, False)))
-            else:
-                proto = _build_graph(model, name, spec, cfg, opset, dtype, quantize, block_size, qmoe and not hybrid)
+            else:  # (a hybrid's other graphs never run one token: the dispatch)
+                proto = _build_graph(model, name, spec, cfg, opset, dtype, quantize, block_size,
+                                     expert_layer == "qmoe")
             ort_ops |= {n.op_type for n in _nodes(proto.graph) if n.domain == ort_moe.DOMAIN}
             path = tmp / spec.file
             _save(proto, path)

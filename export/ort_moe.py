@@ -15,12 +15,12 @@ export is judged by bits per byte (parity_tests/quality.py), not by tolerances.
 
 ONNX Runtime's CPU QMoE dequantizes the experts' weights per token (its cost grows linearly with the
 rows: 0.44 ms for one `base` token, 0.86 for two, 34 for 128), while MatMulNBits reads the int4
-weights once per call (2 experts x 2 MatMulNBits: 0.35 ms for one row, 20.5 for 128). So the
-default quantized piece graph is the **hybrid**: `If(Size(tokens) == 1)` runs the graph with one QMoE
-node per step (a decoded token: fewest nodes) and otherwise the graph with the sparse dispatch on
-MatMulNBits (prefill pieces, batches); both branches read one copy of the quantized weights
-(`switch_by_rows`). One If per run: an If per expert layer cost 5-10% of a decoded token (each
-If's setup), one per run ~1%.
+weights once per call (2 experts x 2 MatMulNBits: 0.35 ms for one row, 20.5 for 128). So the exporter
+picks the layer by size (`resolve_expert_layer`), and offers the **hybrid**: `If(Size(tokens) == 1)`
+runs the piece graph exported with one QMoE node per step (a decoded token: fewest nodes), otherwise
+the one exported with the sparse dispatch on MatMulNBits (prefill pieces, batches); both branches
+read one copy of the quantized weights on disk (`switch_by_rows`). One If per run: an If per expert
+layer cost 5-10% of a decoded token (each If's setup).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import torch
 
 from ressformer.model import MoE
 from ressformer.ops import topk_route
+
+from .ops import _all_nodes
 
 DOMAIN = "com.microsoft"
 
@@ -65,13 +67,10 @@ def _qmoe_forward(self, x):
     _, experts = topk_route(logits, cfg.top_e)  # the graphs' `experts` diagnostic output
     y = torch.onnx.ops.symbolic(
         f"{DOMAIN}::QMoE", (xf, logits, self.q_w1, self.q_s1, self.b1, self.q_w2, self.q_s2, self.b2),
-        _qmoe_attrs(self), dtype=xf.dtype, shape=xf.shape, version=1)
+        {"k": int(cfg.top_e), "activation_type": "gelu", "normalize_routing_weights": 1,
+         "expert_weight_bits": int(self.q_bits), "block_size": int(self.q_block), "accuracy_level": 4},
+        dtype=xf.dtype, shape=xf.shape, version=1)
     return y.view(B, T, d), experts.view(B, T, -1), {}
-
-
-def _qmoe_attrs(moe) -> dict:
-    return {"k": int(moe.cfg.top_e), "activation_type": "gelu", "normalize_routing_weights": 1,
-            "expert_weight_bits": int(moe.q_bits), "block_size": int(moe.q_block), "accuracy_level": 4}
 
 
 @contextlib.contextmanager
@@ -125,27 +124,26 @@ def switch_by_rows(one, many, rows_input: str = "tokens"):
             c.CopyFrom(t)
             c.name = by_bytes[key] = ren[t.name] = prefix + t.name
             inits.append(c)
-        for n in _walk(g):
+        for n in _all_nodes(g):
             for o in n.output:
                 if o:
                     ren.setdefault(o, prefix + o)
-        nodes = [_copy(n) for n in g.node]
-        for n in _walk_nodes(nodes):
+        branch = helper.make_graph(g.node, f"{g.name or 'graph'}_{prefix[:-1]}", [], [])  # copies the nodes
+        for n in _all_nodes(branch):
             n.name = prefix + n.name if n.name else n.name
             for j, i in enumerate(n.input):
                 n.input[j] = ren.get(i, i)
             for j, o in enumerate(n.output):
                 n.output[j] = ren.get(o, o)
-        outs = []
         for o in g.output:
-            v = onnx.ValueInfoProto()
+            v = branch.output.add()
             v.CopyFrom(o)
             v.name = ren.get(o.name, o.name)
             if v.name == o.name:  # an input passed through: give the branch its own output name
-                nodes.append(helper.make_node("Identity", [o.name], [prefix + o.name], name=f"{prefix}out_{o.name}"))
+                branch.node.append(helper.make_node("Identity", [o.name], [prefix + o.name],
+                                                    name=f"{prefix}out_{o.name}"))
                 v.name = prefix + o.name
-            outs.append(v)
-        branches.append(helper.make_graph(nodes, f"{g.name or 'graph'}_{prefix[:-1]}", [], outs))
+        branches.append(branch)
     main = [helper.make_node("Size", [rows_input], ["rows"], name="rows"),
             helper.make_node("Constant", [], ["one_row"], name="one_row",
                              value=numpy_helper.from_array(np.array(1, np.int64))),
@@ -162,27 +160,6 @@ def switch_by_rows(one, many, rows_input: str = "tokens"):
     return model
 
 
-def _walk_nodes(nodes):
-    """The nodes and, recursively, those of their subgraphs (export/ops.py's _all_nodes for a list)."""
-    for n in nodes:
-        yield n
-        for a in n.attribute:
-            if a.g.node:
-                yield from _walk(a.g)
-
-
-def _walk(graph):
-    return _walk_nodes(graph.node)
-
-
-def _copy(node):
-    import onnx
-
-    c = onnx.NodeProto()
-    c.CopyFrom(node)
-    return c
-
-
 def _share_expert_weights(g) -> None:
     """Each dispatch MatMulNBits weight (and scale) equal to expert e of a QMoE's stacked weight becomes
     Reshape(Gather(stacked, e)): one copy on disk."""
@@ -190,7 +167,7 @@ def _share_expert_weights(g) -> None:
 
     inits = {i.name: i for i in g.initializer}
     stacked = {}
-    for n in _walk(g):
+    for n in _all_nodes(g):
         if n.op_type == "QMoE":
             for name in (n.input[2], n.input[3], n.input[5], n.input[6]):
                 if name in inits and name not in stacked:
@@ -199,7 +176,7 @@ def _share_expert_weights(g) -> None:
     for name, a in stacked.items():
         for e in range(a.shape[0]):
             slices.setdefault((a[e].dtype.str, a[e].tobytes()), (name, e))
-    weights = {name for n in _walk(g) if n.op_type == "MatMulNBits" for name in n.input[1:3]}
+    weights = {name for n in _all_nodes(g) if n.op_type == "MatMulNBits" for name in n.input[1:3]}
     made, views = set(), []
     for name in sorted(weights):
         if name not in inits or name in stacked:
