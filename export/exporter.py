@@ -22,7 +22,7 @@ from ressformer import fsutil
 from ressformer.checkpoint import checkpoint_hash, load_checkpoint
 from ressformer.ops import OPSET_VERSION
 
-from . import ort_moe
+from . import dispatch, ort_moe
 from .modules import example_inputs, wrapper_for
 from .ops import DOMAIN, SUPPORTED_OPSETS, check_normalizers, function_protos
 from .ops import _all_nodes as _nodes
@@ -358,13 +358,14 @@ def _build_graph(model, name, spec, cfg, opset, dtype, quantize, block_size, wit
 def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
     wrapper = wrapper_for(name, model)
     args = example_inputs(name, cfg)
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), _quiet(), dispatch.sorted_dispatch():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             wrapper.eval(), args, input_names=[i.name for i in spec.inputs],
             output_names=[o.name for o in spec.outputs], dynamic_shapes=_shared_capacity(spec.dynamic_shapes()),
             dynamo=True, opset_version=opset, optimize=True, verbose=False)
     proto = prog.model_proto
+    dispatch.expand(proto)  # the experts' placeholders -> the sorted dispatch (export/dispatch.py)
     if any(n.domain == ort_moe.DOMAIN for n in _nodes(proto.graph)) and \
             not any(o.domain == ort_moe.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ort_moe.DOMAIN, 1))

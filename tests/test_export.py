@@ -199,3 +199,56 @@ def test_attention_over_parts_selects_as_over_their_concatenation(tmp_path):
     np.testing.assert_array_equal(shifted, ridx.numpy())
     np.testing.assert_allclose(w, rw.numpy(), atol=1e-6)
     np.testing.assert_allclose(o, ro.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [18, 20])
+def test_sorted_dispatch_equals_the_per_expert_loop(opset):
+    """The exported expert layer (export/dispatch.py: pairs sorted by expert, one Split, one ScatterND)
+    in ONNX Runtime gives PyTorch's per-expert dispatch on any number of rows: one row (most experts
+    empty), rows routed to few experts, many rows; no NonZero left, one Split per layer."""
+    import torch
+    from ressformer.export import dispatch
+    from ressformer.export.ops import function_protos
+
+    from ressformer import ReSSFormerConfig
+    from ressformer.model import MoE
+
+    cfg = ReSSFormerConfig.preset("tiny")
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    with torch.no_grad():
+        for p in (moe.b1, moe.b2, moe.w1, moe.w2):
+            p.normal_(0, 0.3)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = moe
+
+        def forward(self, x):
+            return self.moe(x)[0]
+
+    x0 = torch.randn(2, 5, cfg.d_model)
+    with dispatch.sorted_dispatch():
+        prog = torch.onnx.export(Layer(), (x0,), dynamo=True, opset_version=opset, verbose=False,
+                                 dynamic_shapes={"x": {0: "batch", 1: "time"}})
+    proto = prog.model_proto
+    assert dispatch.expand(proto) == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert "NonZero" not in ops and ops.count("Split") == 1 and ops.count("ScatterND") == 1
+    assert dispatch.PLACEHOLDER not in ops  # replaced (TopKRoute stays: an ONNX function)
+    proto.functions.extend(function_protos("entmax15", opset))
+    proto.opset_import.append(onnx.helper.make_opsetid("ressformer", 1))
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    skew = torch.zeros(cfg.d_model)
+    skew[:8] = 4.0  # rows leaning one way: the router sends them to few experts
+    for x in (torch.randn(1, 1, cfg.d_model, generator=g), torch.randn(1, 6, cfg.d_model, generator=g) + skew,
+              torch.randn(3, 40, cfg.d_model, generator=g)):
+        with torch.no_grad():
+            ref, experts, _ = moe(x)
+        used = torch.bincount(experts.reshape(-1), minlength=cfg.n_experts)
+        got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-5, rtol=1e-5)
+        if x.shape[1] > 1:
+            assert x.shape[0] * x.shape[1] > 2 * cfg.n_experts or (used == 0).any()

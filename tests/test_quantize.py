@@ -62,8 +62,8 @@ def test_hybrid_runs_qmoe_for_one_token_and_the_dispatch_otherwise(int4_export, 
     g = onnx.load(str(ex["hybrid"] / "piece_k2.onnx")).graph
     one, many = _branches(g)
     ops = [[n.op_type for n in _nodes(b)] for b in (one, many)]
-    assert ops[0].count("QMoE") == 2 and "NonZero" not in ops[0]  # one node per step
-    assert "QMoE" not in ops[1] and ops[1].count("NonZero") == 8  # 4 experts x 2 steps
+    assert ops[0].count("QMoE") == 2 and "ScatterND" not in ops[0]  # one node per step
+    assert "QMoE" not in ops[1] and ops[1].count("ScatterND") == 2  # the sorted dispatch, once per step
     inits = {i.name: i for i in g.initializer}
     expert_w = {n.input[1] for n in _nodes(many) if n.op_type == "MatMulNBits"} - {
         n.input[1] for n in _nodes(one) if n.op_type == "MatMulNBits"}  # the experts' (the rest is shared)
