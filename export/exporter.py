@@ -385,10 +385,11 @@ def _export_graph(model, name, spec, cfg, opset) -> onnx.ModelProto:
 
 
 def _shared_capacity(shapes: dict) -> dict:
-    """The per-step buffers' `capacity` axis as ONE symbol (the runtime feeds equal capacities): the
-    piece graph then builds its attention mask once for all steps, not once per step."""
-    cap = torch.export.Dim("capacity")
-    return {k: [{i: cap if a == "capacity" else a for i, a in d.items()} for d in v] if isinstance(v, list)
+    """The per-step buffers' `capacity` axis (and the caches' `cache` axis) as ONE symbol each (the
+    runtime feeds equal sizes for all steps): the piece graph then builds its attention mask once for
+    all steps, not once per step."""
+    dims = {"capacity": torch.export.Dim("capacity"), "cache": torch.export.Dim("cache")}
+    return {k: [{i: dims.get(a, a) for i, a in d.items()} for d in v] if isinstance(v, list)
             else v for k, v in shapes.items()}
 
 

@@ -2,7 +2,8 @@
 
 Axis names: batch, length (tokens of the piece), past (keys/values of the current segment so far),
 capacity (rows of a per-step buffer of the segment's keys/values, at least the valid ones), segment
-(a finished segment's keys/values). Integers are static sizes from the config.
+(a finished segment's keys/values), cache (the piece graphs' token caches: cache_len rows, or 0 while
+cache_valid is 0, so a first segment scores no empty cache). Integers are static sizes from the config.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def graph_specs(cfg, steps_list=(None,), step_graphs: bool = True) -> dict[str, 
         skv = lambda n, ax, S=S: IO(n, f, (S, "batch", H, ax, D))  # noqa: E731
         piece, end = unrolled_names(S)
         ins = (IO("tokens", i64, ("batch", "length")), IO("pos", i64, ()), IO("conv", f, ("batch", w, d)),
-               kv("mem_k", m), kv("mem_v", m), *(kv(f"cache_k_{t}", C) for t in range(S)),
-               *(kv(f"cache_v_{t}", C) for t in range(S)), IO("cache_valid", i64, ()),
+               kv("mem_k", m), kv("mem_v", m), *(kv(f"cache_k_{t}", "cache") for t in range(S)),
+               *(kv(f"cache_v_{t}", "cache") for t in range(S)), IO("cache_valid", i64, ()),
                *(kv(f"past_k_{t}", "capacity") for t in range(S)), *(kv(f"past_v_{t}", "capacity") for t in range(S)))
         outs = (IO("logits", f, ("batch", "length", V)), IO("conv_out", f, ("batch", w, d)),
                 skv("new_k", "length"), skv("new_v", "length"),

@@ -471,11 +471,18 @@ class ReSSFormerSession:
             i += n
         return (out[0] if len(out) == 1 else np.concatenate(out, 1)), state
 
+    def _empty_cache_ok(self, piece: str) -> bool:
+        """Whether graph `piece` takes caches of 0 rows (axis `cache`; exports before it: C rows)."""
+        shape = next((i["shape"] for i in self.meta["graphs"][piece]["inputs"] if i["name"] == "cache_k_0"), None)
+        return shape is not None and isinstance(shape[2], str)
+
     def _piece_unrolled(self, tokens, state: RuntimeState, diagnostics=None):
         names = self.unrolled[state.steps]
         T, S = tokens.shape[1], state.steps
         fed = pk, pv, _ = self._feed(state, T)
         ck, cv = _host(state.cache_k), _host(state.cache_v)
+        if state.cache_valid == 0 and self._empty_cache_ok(names["piece"]):  # first segment: no cache rows to
+            ck = cv = np.zeros((S, state.batch, self.n_heads, 0, self.head_dim), np.float32)  # score (all masked)
         feeds = {"tokens": tokens, "pos": np.array(state.pos, np.int64), "conv": state.conv, "mem_k": state.mem_k,
                  "mem_v": state.mem_v, "cache_valid": np.array(state.cache_valid, np.int64)}
         for t in range(S):  # per step: views of the (S, ...) arrays, contiguous, fed without a copy
@@ -484,8 +491,8 @@ class ReSSFormerSession:
             feeds, None if diagnostics is not None else ["logits", "conv_out", "new_k", "new_v"])
         if diagnostics is not None:
             d = {k: _host(v) for k, v in r.items()}
-            idx = reference_index(d["attn_idx"], self.mem_slots + self.cache_len, pk.shape[3],
-                                  state.pos % self.segment_len)
+            idx = reference_index(d["attn_idx"], self.mem_slots + ck.shape[3], pk.shape[3],
+                                  state.pos % self.segment_len, skipped=self.cache_len - ck.shape[3])
             diagnostics += [{"attn_idx": idx[t], "attn_w": d["attn_w"][t], "experts": d["experts"][t],
                              "new_k": d["new_k"][t]} for t in range(S)]
         new = replace(self._appended(state, fed, r["new_k"], r["new_v"], T), conv=r["conv_out"])
@@ -664,14 +671,16 @@ class ReSSFormerSession:
         return lp[-1], state, nll, count
 
 
-def reference_index(idx: np.ndarray, before: int, capacity: int, P: int) -> np.ndarray:
+def reference_index(idx: np.ndarray, before: int, capacity: int, P: int, skipped: int = 0) -> np.ndarray:
     """A piece graph's attn_idx, which numbers keys over (memory, cache: `before` rows, the buffer of
     `capacity` rows, the piece), renumbered over (memory, cache, the P valid rows, the piece) as
     PyTorch's attention numbers them; a pick of an ignored buffer row (weight 0: fewer candidates
-    than top_k) becomes -1."""
+    than top_k) becomes -1. skipped: cache rows not fed (a first segment's empty cache: 0 rows fed
+    of the C PyTorch numbers), so picks from `before` on move up by it."""
     piece = idx >= before + capacity
     ignored = (idx >= before + P) & ~piece
-    return np.where(piece, idx - (capacity - P), np.where(ignored, -1, idx))
+    out = np.where(piece, idx - (capacity - P), np.where(ignored, -1, idx))
+    return np.where(out >= before, out + skipped, out) if skipped else out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

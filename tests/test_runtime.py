@@ -368,3 +368,37 @@ def test_old_format_version_is_refused_asking_to_reexport(tiny_export, tmp_path)
     with pytest.raises(ModelError, match=r"format version 2 is older than this runtime's 3 .*re-export") as e:
         ReSSFormerSession(d)
     assert "\n" not in str(e.value)
+
+
+def test_first_segment_feeds_no_cache_rows(tiny_export, monkeypatch):
+    """Before the first segment ends (cache_valid 0) the piece graph gets caches of 0 rows (its `cache`
+    axis): the same logits and, renumbered, the same selected keys as with C masked rows; after it,
+    the C rows."""
+    sess = ReSSFormerSession(tiny_export, threads=1)
+    meta = json.loads((tiny_export / "ressformer.json").read_text())
+    piece = meta["unrolled"]["2"]["piece"]
+    assert next(i for i in meta["graphs"][piece]["inputs"] if i["name"] == "cache_k_0")["shape"][2] == "cache"
+    g = sess.graphs[piece]
+    rows, real = [], g.run
+
+    def run(feeds, outputs=None):
+        rows.append(feeds["cache_k_0"].shape[2])
+        return real(feeds, outputs)
+
+    monkeypatch.setattr(g, "run", run)
+    x = toks(2, sess.segment_len + 9)
+    runs = {}
+    for empty in (True, False):
+        monkeypatch.setattr(ReSSFormerSession, "_empty_cache_ok", lambda self, name, e=empty: e)
+        rows.clear()
+        diag = []
+        lo, st = sess.forward(x[:, :20], diagnostics=diag)
+        lo2, _ = sess.forward(x[:, 20:], st, diagnostics=diag)
+        runs[empty] = (np.concatenate([lo, lo2], 1), diag, list(rows))
+    (a, da, ra), (b, db, rb) = runs[True], runs[False]
+    assert ra == [0, 0, sess.cache_len] and rb == [sess.cache_len] * 3  # pieces: 20, 12 (segment end), 9
+    np.testing.assert_array_equal(a, b)
+    for p, q in zip(da, db):  # the selected keys (a masked pick: weight 0, a masked cache row or -1)
+        np.testing.assert_array_equal(p["attn_w"], q["attn_w"])
+        assert (p["attn_w"] > 0).sum() > p["attn_w"].size // 2
+        np.testing.assert_array_equal(*(np.where(d["attn_w"] > 0, d["attn_idx"], -1) for d in (p, q)))

@@ -466,6 +466,13 @@ export class ReSSFormer {
     for (const g of Object.values(this.graphs)) await g.release?.();
   }
 
+  #emptyCacheOk() { // the piece graph's cache axis is dynamic (exports before it: cache_len rows)
+    const names = this.meta.unrolled[String(this.steps)];
+    const g = names && this.meta.graphs[names.piece];
+    const io = g && g.inputs.find((i) => i.name === 'cache_k_0');
+    return Boolean(io) && typeof io.shape[2] === 'string';
+  }
+
   #zeros(dims) { return new this.ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)), dims); }
   #int64(value) { return new this.ort.Tensor('int64', BigInt64Array.of(BigInt(value)), []); }
 
@@ -571,9 +578,13 @@ export class ReSSFormer {
     const feeds = {
       tokens, pos: this.#int64(s.pos), conv: s.conv, mem_k: s.memK, mem_v: s.memV, cache_valid: this.#int64(s.cacheValid),
     };
+    // a first segment (cacheValid 0) feeds caches of 0 rows where the graph takes them (axis `cache`):
+    // nothing to score in an all-masked cache
+    const noCache = s.cacheValid === 0 && this.#emptyCacheOk();
+    const none = noCache ? this.#zeros([tokens.dims[0], this.nHeads, 0, this.headDim]) : null;
     for (let t = 0; t < this.steps; t++) {
-      feeds[`cache_k_${t}`] = this.#slice(s.cacheK, t);
-      feeds[`cache_v_${t}`] = this.#slice(s.cacheV, t);
+      feeds[`cache_k_${t}`] = noCache ? none : this.#slice(s.cacheK, t);
+      feeds[`cache_v_${t}`] = noCache ? none : this.#slice(s.cacheV, t);
       feeds[`past_k_${t}`] = this.#slice(fed.K, t);
       feeds[`past_v_${t}`] = this.#slice(fed.V, t);
     }
