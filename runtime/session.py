@@ -51,10 +51,18 @@ PATHS = ("unrolled", "steps")
 # prompt's length (base, int4, 2,048-token prompt: peak RSS 975 MB in 1,024-token pieces, 353 MB in
 # 128-token pieces, prefill time +9%; docs/performance.md). The logits do not depend on the cut.
 MAX_PIECE = 128
-# The per-step buffers of a segment's keys/values start with this many rows and double when a piece
-# does not fit (at most segment_len): the attention reads the whole buffer (rows past P are
-# ignored), so a small one keeps decode at a segment's start cheap; growing copies ~1 row per token.
+# The per-step buffers of a segment's keys/values start with this many rows and grow by an eighth (at
+# least MIN_CAPACITY rows, at most segment_len) when a piece does not fit: the attention reads the whole
+# buffer (rows past P are ignored, but scored), so the slack stays <= 1/8 of the rows; growing copies the
+# valid rows, ~8 + P / 64 rows per token when decoding. (Doubling left up to half the rows scored in
+# vain: `base` int4 decode after 512 tokens scored 1,024 buffer rows.)
 MIN_CAPACITY = 64
+GROWTH = 8
+
+
+def grown_capacity(capacity: int, need: int, segment_len: int) -> int:
+    """The capacity of a buffer replacing one of `capacity` rows that must hold `need`."""
+    return min(segment_len, max(need, capacity + max(MIN_CAPACITY, capacity // GROWTH)))
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -409,12 +417,12 @@ class ReSSFormerSession:
 
     def _appended(self, state: RuntimeState, fed: tuple, new_k, new_v, T: int) -> RuntimeState:
         """The state with the piece's T keys/values per step (S, B, H, T, D) written at row P of the
-        claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of
+        claimed buffers, else of new ones (grown_capacity: an eighth more, at most segment_len) holding a copy of
         the P valid rows: fed first, grown after, so a piece reads at most the capacity it found."""
         k, v, tip = fed
         P, L = state.pos % self.segment_len, self.segment_len
         if tip is None:
-            cap = min(L, max(P + T, 2 * k.shape[3], MIN_CAPACITY))
+            cap = grown_capacity(k.shape[3], P + T, L)
             nk, nv = (np.zeros((*k.shape[:3], cap, k.shape[4]), np.float32) for _ in range(2))
             nk[..., :P, :], nv[..., :P, :] = k[..., :P, :], v[..., :P, :]
             tip = _Tip(nk, nv, -1)

@@ -402,3 +402,21 @@ def test_first_segment_feeds_no_cache_rows(tiny_export, monkeypatch):
         np.testing.assert_array_equal(p["attn_w"], q["attn_w"])
         assert (p["attn_w"] > 0).sum() > p["attn_w"].size // 2
         np.testing.assert_array_equal(*(np.where(d["attn_w"] > 0, d["attn_idx"], -1) for d in (p, q)))
+
+
+def test_buffers_grow_by_an_eighth():
+    """A buffer that must hold more rows grows by an eighth (at least MIN_CAPACITY rows, at least what
+    is needed, at most the segment): the empty rows every query scores stay few."""
+    from ressformer.runtime.session import MIN_CAPACITY, grown_capacity
+
+    L = 1024
+    assert grown_capacity(128, 129, L) == 128 + MIN_CAPACITY  # decoding: 64 rows of slack, not 128
+    assert grown_capacity(640, 641, L) == 720  # an eighth
+    assert grown_capacity(128, 256, L) == 256  # a 128-token piece: exactly its rows
+    assert grown_capacity(1000, 1001, L) == L
+    cap = MIN_CAPACITY
+    for need in range(MIN_CAPACITY + 1, L + 1):  # decoding a whole segment token by token
+        if need > cap:
+            cap = grown_capacity(cap, need, L)
+        assert cap - need < max(MIN_CAPACITY, need / 8), (need, cap)  # doubling: up to need - 1
+    assert cap == L

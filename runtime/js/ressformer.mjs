@@ -15,8 +15,13 @@
 export const SIDECAR = 'ressformer.json';
 export const FORMAT = 'ressformer-export';
 export const KNOWN_FORMAT_VERSIONS = [3]; // 3: per-step state buffers (docs/runtime-contract.md)
-// The per-step buffers of a segment's keys/values start with this many rows and double (at most segment_len).
+// The per-step buffers of a segment's keys/values start with this many rows and grow by an eighth (at least
+// MIN_CAPACITY rows, at most segment_len) when a piece does not fit: the attention scores the whole buffer,
+// so the slack stays small (as the Python runtime, runtime/session.py grown_capacity).
 export const MIN_CAPACITY = 64;
+export const GROWTH = 8;
+export const grownCapacity = (capacity, need, segmentLen) =>
+  Math.min(segmentLen, Math.max(need, capacity + Math.max(MIN_CAPACITY, Math.floor(capacity / GROWTH))));
 export const KNOWN_RESSFORMER_OPSETS = [1];
 export const STEP_GRAPHS = ['embed', 'step', 'head', 'memory']; // the steps path (any K); optional (--step-graphs)
 export const GENERATION_FALLBACK = {
@@ -658,13 +663,13 @@ export class ReSSFormer {
   }
 
   /** The state advanced by a piece of T tokens whose keys/values (S, B, H, T, D) go to rows P.. of the
-   * claimed buffers, else of new ones (capacity doubled, at most segment_len) holding a copy of the P
+   * claimed buffers, else of new ones (grownCapacity: an eighth more, at most segment_len) holding a copy of the P
    * valid rows. So a state keeps its values: advancing an older state again appends into a copy. */
   #appended(s, fed, newK, newV, T) {
     const L = this.segmentLen, P = s.pos % L;
     let tip = fed.tip;
     if (!tip) {
-      const [S, B, H, cap0, D] = fed.K.dims, cap = Math.min(L, Math.max(P + T, 2 * cap0, MIN_CAPACITY));
+      const [S, B, H, cap0, D] = fed.K.dims, cap = grownCapacity(cap0, P + T, L);
       const copy = (src) => {
         const dst = new Float32Array(S * B * H * cap * D);
         for (let r = 0; r < S * B * H; r++) dst.set(src.subarray(r * cap0 * D, (r * cap0 + P) * D), r * cap * D);
