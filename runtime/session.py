@@ -52,17 +52,12 @@ PATHS = ("unrolled", "steps")
 # 128-token pieces, prefill time +9%; docs/performance.md). The logits do not depend on the cut.
 MAX_PIECE = 128
 # The per-step buffers of a segment's keys/values start with this many rows and grow by an eighth (at
-# least MIN_CAPACITY rows, at most segment_len) when a piece does not fit: the attention reads the whole
-# buffer (rows past P are ignored, but scored), so the slack stays <= 1/8 of the rows; growing copies the
-# valid rows, ~8 + P / 64 rows per token when decoding. (Doubling left up to half the rows scored in
-# vain: `base` int4 decode after 512 tokens scored 1,024 buffer rows.)
+# least MIN_CAPACITY rows, at most segment_len) when a piece does not fit: the attention scores the whole
+# buffer (rows past P are ignored, but scored), so the slack stays under max(64, P / 8) rows; growing
+# copies the P valid rows, on average at most 8 rows per decoded token. (Doubling left up to half the
+# rows scored in vain: `base` int4 decode after 512 tokens scored 1,024 buffer rows.)
 MIN_CAPACITY = 64
 GROWTH = 8
-
-
-def grown_capacity(capacity: int, need: int, segment_len: int) -> int:
-    """The capacity of a buffer replacing one of `capacity` rows that must hold `need`."""
-    return min(segment_len, max(need, capacity + max(MIN_CAPACITY, capacity // GROWTH)))
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -677,6 +672,11 @@ class ReSSFormerSession:
             nll -= float(np.take_along_axis(lp[:-1], ids[0, 1:, None], 1).sum())
             count += ids.shape[1] - 1
         return lp[-1], state, nll, count
+
+
+def grown_capacity(capacity: int, need: int, segment_len: int) -> int:
+    """The capacity of a buffer replacing one of `capacity` rows that must hold `need` (MIN_CAPACITY)."""
+    return min(segment_len, max(need, capacity + max(MIN_CAPACITY, capacity // GROWTH)))
 
 
 def reference_index(idx: np.ndarray, before: int, capacity: int, P: int, skipped: int = 0) -> np.ndarray:
