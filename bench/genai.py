@@ -206,12 +206,15 @@ def write_llama(spec: LlamaSpec, folder: str | os.PathLike, positions: int, seed
 
 
 def build_genai(hf_dir: str | os.PathLike, out: str | os.PathLike, precision: str, cache: str | os.PathLike,
-                timeout: float = 3600) -> Path:
-    """Run onnxruntime-genai's model builder (CPU) on `hf_dir` at `precision` (fp32 | int4) into `out`."""
+                timeout: float = 3600, block_size: int = 32) -> Path:
+    """Run onnxruntime-genai's model builder (CPU) on `hf_dir` at `precision` (fp32 | int4) into `out`;
+    int4 weights in blocks of `block_size` (the builder's own default: 32)."""
     if precision not in GENAI_VARIANTS:
         raise ValueError(f"unknown genai precision {precision!r}; use one of {', '.join(GENAI_VARIANTS)}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if precision != "fp32" and block_size != 32:
+        cmd += ["--extra_options", f"block_size={int(block_size)}"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **HF_ENV), timeout=timeout)
     if p.returncode != 0 or not (Path(out) / "genai_config.json").is_file():
         tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
@@ -287,12 +290,13 @@ def engine_name(kind: str, variant: str) -> str:
 def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2, variants=RESS_VARIANTS,
                    genai_variants=GENAI_VARIANTS, decode_tokens: int = DECODE_TOKENS, smoke: bool = False,
                    seed: int = 0, checkpoint=None, n_heads: int | None = None, keep: str | None = None,
-                   progress=print) -> dict:
+                   progress=print, block_size: int = 32) -> dict:
     """Measure ReSSFormer (one export per entry of `variants`) against onnxruntime-genai's dense Llama
     of the same parameter count (one build per entry of `genai_variants`), every point a fresh child
     process (see the module doc). `checkpoint`: a ReSSFormer checkpoint folder, or None for the
     `preset` at random init (seed 0). `keep`: a folder to keep the exports and builds in (default: a
-    temporary one). Returns the report dict; key "table" holds the printable summary."""
+    temporary one). `block_size`: weights per scale of both engines' int8/int4 weights (default 32, each
+    one's default). Returns the report dict; key "table" holds the printable summary."""
     import onnxruntime as ort
 
     progress = progress or (lambda s: None)
@@ -316,7 +320,7 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
         positions = max_positions(lengths[-1], decode_tokens)
         engines = []
         for v in variants:
-            engines.append(_export_variant(ckpt, work / f"ressformer_{v}", v, progress))
+            engines.append(_export_variant(ckpt, work / f"ressformer_{v}", v, progress, block_size))
         hf = write_llama(spec, work / "llama_hf", positions, seed)
         progress(f"dense Llama: {spec.params:,} params ({spec.n_layer} layers, d {spec.d_model}, {spec.n_heads} "
                  f"heads, SwiGLU {spec.d_ff}, vocab {spec.vocab_size}, tied), max_position_embeddings {positions}")
@@ -325,7 +329,7 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
             out = work / f"genai_{v}"
             e = {"name": engine_name("genai", v), "kind": "genai", "variant": v, "path": str(out)}
             try:
-                build_genai(hf, out, v, work / "builder_cache")
+                build_genai(hf, out, v, work / "builder_cache", block_size=block_size)
                 e |= {"status": "ok", "disk_mb": folder_mb(out), "build_s": time.perf_counter() - t0}
                 progress(f"{e['name']}: built in {e['build_s']:.1f}s, {e['disk_mb']:.1f} MB on disk")
             except (RuntimeError, subprocess.TimeoutExpired) as err:
@@ -335,7 +339,7 @@ def run_comparison(preset: str = "small", lengths=None, threads: int | None = 2,
         report = {"meta": {
             "checkpoint": str(checkpoint) if checkpoint else None, "preset": None if checkpoint else preset,
             "smoke": smoke, "seed": seed, "threads": threads, "decode_tokens": decode_tokens, "lengths": lengths,
-            "variants": variants, "genai_variants": genai_variants, "reference": REFERENCE,
+            "variants": variants, "genai_variants": genai_variants, "block_size": block_size, "reference": REFERENCE,
             "ressformer_params": ress_params, "llama_params": spec.params, "ressformer_config": cfg.to_dict(),
             "llama_config": asdict(spec), "max_position_embeddings": positions,
             "onnxruntime": ort.__version__, "onnxruntime_genai": og.__version__, "numpy": np.__version__,
@@ -385,7 +389,7 @@ def _checkpoint(checkpoint, preset: str, work: Path, progress) -> tuple[Path, ob
     return Path(checkpoint), model.config, model.num_params()
 
 
-def _export_variant(ckpt, out: Path, variant: str, progress) -> dict:
+def _export_variant(ckpt, out: Path, variant: str, progress, block_size: int = 32) -> dict:
     """One ReSSFormer export (no validation: only speed, memory and size are compared here)."""
     from ressformer.export.exporter import export_checkpoint
 
@@ -395,7 +399,7 @@ def _export_variant(ckpt, out: Path, variant: str, progress) -> dict:
     try:
         quantize, _, experts = variant.partition("-")  # int4-hybrid: int4 with the hybrid expert layer
         export_checkpoint(ckpt, out, quantize=None if quantize == "fp32" else quantize, experts=experts or "auto",
-                          validate=None, overwrite=True,
+                          validate=None, overwrite=True, block_size=block_size,
                           progress=lambda s: None)
     except (ValueError, RuntimeError) as err:  # e.g. a quantization this exporter does not know (yet)
         e |= {"status": f"failed: {str(err).splitlines()[0][:200]}", "disk_mb": None}
@@ -472,8 +476,8 @@ def format_table(report) -> str:
         f"{lc['n_heads']} heads, SwiGLU {lc['d_ff']}, vocab {lc['vocab_size']}, tied; random weights)"
         f"{' [smoke]' if m['smoke'] else ''}",
         f"onnxruntime {m['onnxruntime']}, onnxruntime-genai {m['onnxruntime_genai']}, "
-        f"threads={m['threads'] or 'default'}, batch 1; {m['machine']}, {m['cpu_count']} CPUs; "
-        f"load avg (1 min) {la0[0]:.2f} at start, {la1[0]:.2f} at end",
+        f"threads={m['threads'] or 'default'}, batch 1, int8/int4 blocks of {m.get('block_size', 32)}; "
+        f"{m['machine']}, {m['cpu_count']} CPUs; load avg (1 min) {la0[0]:.2f} at start, {la1[0]:.2f} at end",
         f"every point: a fresh process per engine and length, one run: prefill of T random tokens (cold), one "
         f"untimed token, {m['decode_tokens']} decoded tokens; peak = VmHWM",
         "",
@@ -574,6 +578,8 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(RESS_VARIANTS),
                    help=f"ReSSFormer exports, from {','.join(ALL_VARIANTS)}")
     p.add_argument("--genai-variants", default=",".join(GENAI_VARIANTS), help="genai builds, from fp32,int4")
+    p.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128, 256),
+                   help="int8/int4 weights per scale, both engines (default 32: each one's default)")
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     p.add_argument("--heads", type=int, help="Llama attention heads (default: head_dim 64)")
     p.add_argument("--keep", help="keep the exports and builds in this folder")
@@ -590,7 +596,8 @@ def main(argv=None):
         p.error(str(e))
     rep = run_comparison(preset=a.preset, lengths=a.lengths, threads=a.threads, variants=variants,
                          genai_variants=gvariants, decode_tokens=a.decode_tokens, smoke=a.smoke, n_heads=a.heads,
-                         checkpoint=a.checkpoint, keep=a.keep, progress=lambda s: print(s, flush=True))
+                         checkpoint=a.checkpoint, keep=a.keep, progress=lambda s: print(s, flush=True),
+                         block_size=a.block_size)
     print(rep["table"])
     if a.json:
         db._write_json(rep, a.json)

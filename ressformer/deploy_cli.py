@@ -492,10 +492,13 @@ def score(export_dir, files, steps, provider, threads, as_json):
 @click.option("--lengths", default=None, type=IntList(1),
               help="with --baseline or --against: context lengths [default: 2048,8192,32768 with --baseline, "
                    "128,2048,8192,32768 with --against]")
+@click.option("--block-size", default="32", show_default=True,
+              type=Choice(["16", "32", "64", "128", "256"], "unsupported block size"),
+              help="with --against: int8/int4 weights per scale, for both engines (32 is each one's default)")
 @threads_option
 @needs_torch
 def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, against, tradeoff, variants, lengths,
-          threads):
+          block_size, threads):
     """PyTorch eager vs ONNX Runtime on the same checkpoint and inputs (see bench/); with --baseline,
     ReSSFormer vs a same-size dense transformer with a key/value cache, both in ONNX Runtime; with
     --against genai, ReSSFormer's exports vs onnxruntime-genai's same-size dense Llama (fp32, int4)."""
@@ -522,6 +525,8 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, ag
         load_checkpoint(checkpoint)  # a missing or corrupted checkpoint fails here, in one line
     if lengths and not (baseline or against):
         raise click.UsageError("--lengths goes with --baseline or --against")
+    if block_size != "32" and not against:
+        raise click.UsageError("--block-size goes with --against genai")
     if tradeoff:
         from ressformer.bench.recall import plot, run_tradeoff
 
@@ -530,7 +535,8 @@ def bench(checkpoint, preset, json_out, plot_out, overwrite, smoke, baseline, ag
         from ressformer.bench.genai import RESS_VARIANTS, plot, run_comparison
 
         rep = run_comparison(checkpoint=checkpoint, preset=preset or "small", smoke=smoke, threads=threads or 2,
-                             lengths=lengths, variants=variants or RESS_VARIANTS, progress=say)
+                             lengths=lengths, variants=variants or RESS_VARIANTS, progress=say,
+                             block_size=int(block_size))
     elif baseline:
         from ressformer.bench.dense import plot, run_comparison
 

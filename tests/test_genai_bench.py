@@ -199,6 +199,8 @@ def _cli(args):
     (["--against", "genai", "--baseline"], "different benchmarks"),
     (["--lengths", "128"], "--lengths goes with --baseline or --against"),
     (["--against", "genai", "--lengths", "0"], "must be >= 1"),
+    (["--block-size", "128"], "--block-size goes with --against genai"),
+    (["--against", "genai", "--block-size", "48"], "unsupported block size"),
 ])
 def test_bench_against_option_errors(args, message):
     r = _cli(args)
@@ -290,3 +292,31 @@ def test_genai_smoke_comparison(tiny_checkpoint, tmp_path):
     assert "against genai int4" in t and "crossovers" in t and "[smoke]" in t
     assert [ln.split()[0] for ln in t.splitlines() if ln.startswith("prefill (s)")] == ["prefill"]
     assert m["checkpoint"] == str(tiny_checkpoint) and m["threads"] == 1 and m["variants"] == ["fp32", "int8"]
+
+
+def test_block_size_reaches_both_engines(tiny_checkpoint, tmp_path, monkeypatch):
+    """--block-size: the ReSSFormer export quantizes in blocks of it, and the genai builder is asked for it
+    (int4 only; its own default 32 is not passed)."""
+    import subprocess
+
+    import onnx
+    from ressformer.bench import genai
+
+    e = genai._export_variant(tiny_checkpoint, tmp_path / "int4", "int4", lambda s: None, block_size=64)
+    assert e["status"] == "ok"
+    blocks = {a.i for n in onnx.load(str(tmp_path / "int4" / "piece_k2.onnx")).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {64}
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        cmds.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "no model")
+
+    monkeypatch.setattr(genai.subprocess, "run", fake_run)
+    for precision, bs in (("int4", 128), ("int4", 32), ("fp32", 128)):
+        with pytest.raises(RuntimeError, match="model builder failed"):
+            genai.build_genai(tmp_path / "hf", tmp_path / f"out_{precision}_{bs}", precision, tmp_path / "c",
+                              block_size=bs)
+    assert cmds[0][-2:] == ["--extra_options", "block_size=128"]
+    assert "--extra_options" not in cmds[1] and "--extra_options" not in cmds[2]
