@@ -47,10 +47,11 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 EXPERT_LAYERS = ("auto", "hybrid", "qmoe", "dispatch")
-# auto: QMoE while the quantized experts are small (a decoded token is bound by its node count: the
-# dispatch's ~580 extra nodes per token dominate), the dispatch from this size on (ONNX Runtime's CPU
-# QMoE dequantizes per row: `base` int4, 18.9 MB of experts, prefills 1.5x faster with the dispatch).
-# hybrid (both, under one If) is opt-in: fastest at `base`, but two in-memory copies of the experts.
+# auto: QMoE while the quantized experts are small (a decoded token is bound by its node count: `small`
+# decodes 866 vs 759 tok/s with QMoE), the sorted dispatch from this size on (ONNX Runtime's CPU QMoE
+# dequantizes per row: `base` int4, 18.9 MB of experts, prefills 1.5x faster and decodes as fast with the
+# dispatch). hybrid (both, under one If) is opt-in: two in-memory copies of the experts, and since the
+# sorted dispatch (session 8) no faster than it at `base`.
 AUTO_DISPATCH_BYTES = 8_000_000
 # Opset 20: GELU exports as one `Gelu` node instead of five (Div, Erf, Add, Mul, Mul), 32 fewer nodes
 # per decoded token for `small` (docs/performance.md)

@@ -241,7 +241,10 @@ class ReSSFormerSession:
         # holds what the session made and skips _validate_state (its finiteness scans cost ~0.1 ms a token at
         # `base`); a state built or replaced by hand is validated.
         self._issued: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._cache_axis: dict[str, bool] = {}  # piece graph -> takes 0-row caches (_empty_cache_ok)
+        # piece graph -> its caches may have 0 rows (axis `cache`; exports before it: C rows, an integer)
+        self._cache_axis = {n["piece"]: any(i["name"] == "cache_k_0" and isinstance(i["shape"][2], str)
+                                            for i in self.meta["graphs"].get(n["piece"], {}).get("inputs", []))
+                            for n in self.unrolled.values()}
         for name in self.graph_names(self.steps):
             self.graphs[name]
 
@@ -308,8 +311,9 @@ class ReSSFormerSession:
             raise ValueError(f"tokens must have shape (batch, length), got shape {tokens.shape}")
         if tokens.size == 0:
             raise ValueError(f"tokens is empty (shape {tokens.shape})")
-        lo = hi = int(tokens.reshape(-1)[0]) if tokens.size == 1 else None  # a decoded token: no reductions
-        if lo is None:
+        if tokens.size == 1:  # a decoded token: no reductions
+            lo = hi = int(tokens.reshape(-1)[0])
+        else:
             lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {self.vocab_size})")
@@ -479,12 +483,7 @@ class ReSSFormerSession:
 
     def _empty_cache_ok(self, piece: str) -> bool:
         """Whether graph `piece` takes caches of 0 rows (axis `cache`; exports before it: C rows)."""
-        ok = self._cache_axis.get(piece)
-        if ok is None:
-            shape = next((i["shape"] for i in self.meta["graphs"][piece]["inputs"] if i["name"] == "cache_k_0"),
-                         None)
-            ok = self._cache_axis[piece] = shape is not None and isinstance(shape[2], str)
-        return ok
+        return self._cache_axis.get(piece, False)
 
     def _piece_unrolled(self, tokens, state: RuntimeState, diagnostics=None):
         names = self.unrolled[state.steps]
