@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
 from .config import ReSSFormerConfig
-from .ops import _exporting, topk_attention, topk_attention_parts, topk_route
+from .ops import _branch_free, _exporting, topk_attention, topk_attention_parts, topk_route
 
 
 class RMSNorm(nn.Module):
@@ -85,6 +86,7 @@ class Attention(nn.Module):
     """ASAM attention: q/k/v projections and top-k sparse attention over memory, cache, segment."""
 
     record: list | None = None  # set to a list to record (q, keys, mask, idx, w) of each call
+    skip_empty_cache = True  # before the first segment ends, score without the (all masked) cache
 
     def __init__(self, cfg: ReSSFormerConfig):
         super().__init__()
@@ -112,6 +114,13 @@ class Attention(nn.Module):
         if past_len is not None:  # past_k/v: a buffer whose first past_len rows are the segment so far
             return self._forward_parts(q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len)
         P, C, m = past_k.shape[-2], cache_k.shape[-2], mem_k.shape[-2]
+        if (self.skip_empty_cache and cache_valid == 0 and C and 0 < cfg.top_k <= m + P + 1 and self.record is None
+                and not _exporting()):
+            # before the first segment ends no query may see the cache: score without it (as the
+            # runtimes do), the same selection since every query still has >= top_k candidates;
+            # idx renumbered to the cache's place
+            out, idx, w = self._forward_no_cache(x, q, k, v, mem_k, mem_v, past_k, past_v)
+            return out, k, v, idx + C * (idx >= m), w
         keys = torch.cat([mem_k, cache_k, past_k, k], dim=-2)  # (B, H, m + C + P + T, D)
         vals = torch.cat([mem_v, cache_v, past_v, v], dim=-2)
         # candidates: memory always; cache entries right-aligned, the last `cache_valid` valid;
@@ -137,6 +146,17 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.proj(out), k, v, idx, w
 
+
+    def _forward_no_cache(self, x, q, k, v, mem_k, mem_v, past_k, past_v):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        keys = torch.cat([mem_k, past_k, k], dim=-2)  # (B, H, m + P + T, D)
+        vals = torch.cat([mem_v, past_v, v], dim=-2)
+        mask = torch.ones(T, keys.shape[-2], dtype=torch.bool, device=x.device)
+        mask[:, keys.shape[-2] - T:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        out, idx, w = topk_attention(q, keys, vals, mask, cfg.top_k, cfg.normalizer,
+                                     1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
+        return self.proj(out.transpose(1, 2).reshape(B, T, cfg.d_model)), idx, w
 
     def _forward_parts(self, q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len):
         """The exported piece's attention (runtime contract v3): the keys/values stay in their parts
@@ -516,6 +536,13 @@ def structural_continuity(idx_a, w_a, idx_b, w_b):
     selected: the 2k indices of a row sorted, a key selected by both is an adjacent equal pair.
     O(k log k) per query whatever the number of keys (forward + backward, 1 CPU thread: 3.6x faster
     than one dense row read back at b's keys at `base`'s shapes, 5.6x faster than the k x k match)."""
+    if not _branch_free(idx_a.device) and not torch.compiler.is_compiling() and idx_a.numel():
+        # the C kernel: the slot of a's row holding each of b's keys (k: none), O(k) per query
+        pos = native.match(idx_a, idx_b, int(torch.maximum(idx_a.max(), idx_b.max())) + 1)
+        if pos is not None:
+            cross = (F.pad(w_a, (0, 1)).gather(-1, pos) * w_b).sum(-1)  # a's slot k: weight 0
+            d = w_a.pow(2).sum(-1) + w_b.pow(2).sum(-1) - 2 * cross
+            return d.mean()
     keys, order = torch.cat([idx_a, idx_b], -1).sort(-1)  # (B, H, T, 2k)
     v = torch.cat([w_a, w_b], -1).gather(-1, order)
     cross = (v[..., 1:] * v[..., :-1] * (keys[..., 1:] == keys[..., :-1])).sum(-1)

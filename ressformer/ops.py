@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from . import native
+
 DOMAIN = "ressformer"
 OPSET_VERSION = 1  # version of the `ressformer` op domain; bump on any semantic change
 
@@ -174,6 +176,10 @@ def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
     """`x.topk(k, dim=-1)` (sorted, descending) with ties broken toward the lower index, as ONNX
     TopK specifies; torch.topk leaves the order (and which tied entries make the cut) unspecified.
 
+    On a CPU (not branch-free) the C kernel of `ressformer.native` selects in that order directly
+    where it is built (~2x torch.topk and its tie repair on a trained model's scores;
+    `native.ENABLED = False` forces what follows, which gives the same results):
+
     Branch-free (`branch_free`, default: BRANCH_FREE, else off a CPU): every row takes the same
     path, no host synchronisation, no data-dependent shape, so a CUDA training step never waits
     on the host; on a CPU the repair runs only when some row has a tie (same result). Ties among
@@ -185,6 +191,11 @@ def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
         return x.topk(k, dim=-1)
     if branch_free is None:
         branch_free = _branch_free(x.device)
+    if not branch_free and not torch.compiler.is_compiling():
+        got = native.topk(x, k)  # the C kernel: ONNX's order directly, no repair (float32/64 on a CPU)
+        if got is not None:
+            val, idx = got
+            return (x.gather(-1, idx) if x.requires_grad else val), idx
     val, idx = x.topk(min(k + 1, n), dim=-1)  # one extra: does a tie straddle the cut?
     # a finite tie straddles the cut (NaN never ties; which -inf entries make it does not matter)
     bad = (val[..., k:k + 1] == val[..., k - 1:k]) & (val[..., k - 1:k] > float("-inf")) if k < n else None

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ressformer import ReSSFormer, ReSSFormerConfig
+from ressformer import ReSSFormer, ReSSFormerConfig, native
+from ressformer import model as model_mod
 from ressformer.model import State, structural_continuity
 
 from .conftest import perturbed_model
@@ -121,7 +122,17 @@ def test_struct_loss_zero_for_equal_graphs():
     assert structural_continuity(idx, w, idx[..., perm], w[..., perm]).abs() < 1e-7
 
 
-def test_struct_loss_matches_dense():
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "pytorch"])
+def test_struct_loss_matches_dense(use_native, monkeypatch):
+    """Both ways of matching the two rows' keys: the C kernel (ressformer/native.c, built here: the
+    test fails where it cannot be) and the sort of the 2k indices."""
+    calls = []
+    if use_native:
+        assert native.lib() is not None, native.ERROR
+        match = native.match
+        monkeypatch.setattr(native, "match", lambda *a: calls.append(1) or match(*a))
+    else:
+        monkeypatch.setattr(native, "ENABLED", False)
     g = torch.Generator().manual_seed(0)
     B, H, T, N, k = 2, 2, 6, 20, 5
     ia, ib = (torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * H * T)]).view(B, H, T, k)
@@ -143,6 +154,64 @@ def test_struct_loss_matches_dense():
     for x, y in zip(ga, gr):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
     assert structural_continuity(ia[:, :, :0], wa[:, :, :0], ib[:, :, :0], wb[:, :, :0]) == 0
+    assert bool(calls) == use_native
+
+
+def test_first_segment_scores_no_cache(monkeypatch):
+    """Before the first segment ends the cache is all masked; the attention scores without it
+    (Attention.skip_empty_cache) and gives the same logits, losses, gradients and selected keys
+    (renumbered), whole and in pieces; with fewer candidates than top_k it keeps the cache."""
+    from ressformer.model import Attention
+
+    cfg = ReSSFormerConfig.preset("tiny", mem_slots=8)  # top_k 8 <= 8 memory slots: every query has 8
+    torch.manual_seed(0)
+    m = ReSSFormer(cfg).train()
+    x = tokens(2, 2 * cfg.segment_len + 5)
+    seen = []
+    attn = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **kw: seen.append(r := attn(self, *a, **kw)) or r)
+
+    def run(skip, pieces):
+        monkeypatch.setattr(Attention, "skip_empty_cache", skip)
+        seen.clear()
+        m.zero_grad()
+        state, logits, loss = None, [], 0
+        for p in pieces:
+            out = m(x[:, p], state=state)
+            state, loss = out.state, loss + out.logits.logsumexp(-1).mean() + out.aux["loss"]
+            logits.append(out.logits)
+        loss.backward()
+        return torch.cat(logits, 1), [p.grad.clone() for p in m.parameters()], [s[3] for s in seen]
+
+    for pieces in ([slice(None)], [slice(0, 7), slice(7, 30), slice(30, None)]):
+        (la, ga, ia), (lb, gb, ib) = run(True, pieces), run(False, pieces)
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert len(ia) == len(ib) and all(torch.equal(a, b) for a, b in zip(ia, ib))
+    # the first segment's attention read no cache row: its keys are memory + segment only
+    calls = []
+    real = model_mod.topk_attention
+    monkeypatch.setattr(model_mod, "topk_attention", lambda q, k, *a: calls.append(k.shape[-2]) or real(q, k, *a))
+    run(True, [slice(None)])
+    assert calls[:cfg.n_steps] == [cfg.mem_slots + cfg.segment_len] * cfg.n_steps
+    calls.clear()
+    m2 = ReSSFormer(ReSSFormerConfig.preset("tiny")).eval()  # top_k 8 > 4 slots + 1: the cache stays
+    with torch.no_grad():
+        m2(x[:, :4])
+    assert calls[0] == 4 + cfg.cache_len + 4
+
+
+def test_native_match():
+    """pos[j]: the slot of a's row holding b[j], or k; indices outside [0, n) are an error."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 30, 7
+    a, b = (torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(200)]) for _ in range(2))
+    pos = native.match(a, b, n)
+    for ra, rb, rp in zip(a.tolist(), b.tolist(), pos.tolist()):
+        assert rp == [ra.index(x) if x in ra else k for x in rb]
+    with pytest.raises(ValueError, match="outside"):
+        native.match(a, b.clamp(max=n - 1) + 1, n)
 
 
 def test_sparse_moe_equals_dense(model):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ressformer.export import reference
 
-from ressformer import ops
+from ressformer import native, ops
 
 from .op_cases import (
     ALL_MASKED_ROW,
@@ -127,21 +127,55 @@ def test_normalizer_vs_reference(row, n):
 
 
 # ---- top-k selection, routing, attention ------------------------------------------------------
-@pytest.mark.parametrize("seed", range(5))
-def test_topk_ties_lower_index(seed):
-    """torch.topk leaves ties unspecified; topk_lower_index breaks finite ties like ONNX TopK.
-    Ties among -inf (masked, weight exactly 0) may come in any order."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "pytorch"])
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_ties_lower_index(seed, use_native, dtype, monkeypatch):
+    """torch.topk leaves ties unspecified; topk_lower_index breaks finite ties like ONNX TopK, in
+    its C kernel (ressformer/native.c, built here: the test fails where it cannot be) and in
+    PyTorch. Ties among -inf (masked, weight exactly 0) may come in any order in PyTorch; -0 == +0."""
+    calls = []
+    if use_native:
+        assert native.lib() is not None, native.ERROR
+        topk = native.topk
+        monkeypatch.setattr(native, "topk", lambda *a: calls.append(1) or topk(*a))
+    else:
+        monkeypatch.setattr(native, "ENABLED", False)
     g = torch.Generator().manual_seed(seed)
     for _ in range(40):
         n = int(torch.randint(1, 50, (1,), generator=g))
-        x = torch.randint(-2, 3, (3, 4, n), generator=g).double()
+        x = torch.randint(-2, 3, (3, 4, n), generator=g).to(dtype)
         x[torch.rand(x.shape, generator=g) < 0.3] = float("-inf")
+        x[torch.rand(x.shape, generator=g) < 0.1] = -0.0
         for k in sorted({0, 1, n // 2, n - 1, n}):
             val, idx = ops.topk_lower_index(x, k)
             rv, ri = reference.topk(x.numpy(), k)
-            finite = np.isfinite(rv)
+            finite = np.isfinite(rv) | use_native  # the kernel orders -inf ties too
             np.testing.assert_array_equal(np.where(finite, idx.numpy(), -1), np.where(finite, ri, -1))
             np.testing.assert_array_equal(val.numpy(), rv)
+    assert bool(calls) == use_native
+
+
+def test_native_topk_nan_and_worst_case():
+    """NaN ranks first (as in torch.topk), ties among NaN by index; rows in ascending order (every
+    entry enters the kept k) and rows longer than the work split across threads."""
+    assert native.lib() is not None, native.ERROR
+    x = torch.tensor([[1.0, float("nan"), 3.0, float("nan"), float("inf"), -float("inf")]])
+    val, idx = native.topk(x, 4)
+    assert idx.tolist() == [[1, 3, 4, 2]] and val[0, 2:].tolist() == [float("inf"), 3.0]
+    up = torch.arange(500.0).expand(3000, 500).contiguous()
+    val, idx = native.topk(up, 33)
+    assert torch.equal(idx, torch.arange(499, 466, -1).expand(3000, 33))
+    x = torch.randn(64, 128, 300, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        val, idx = native.topk(x, 32)
+    finally:
+        torch.set_num_threads(threads)
+    ref = x.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(idx, ref.indices[..., :32]) and torch.equal(val, ref.values[..., :32])
+    assert native.topk(x.half(), 3) is None and native.topk(x, 0) is None  # not for the kernel: PyTorch
 
 
 @pytest.mark.parametrize("e,k", [(1, 1), (3, 2), (8, 2), (8, 8), (64, 2)])

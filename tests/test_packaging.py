@@ -43,6 +43,7 @@ def test_wheel_has_one_top_level_package(wheel):
     for sub in ("export", "runtime", "parity", "bench"):
         assert f"ressformer/{sub}/__init__.py" in names, sub
     assert "ressformer/runtime/session.py" in names and "ressformer/export/exporter.py" in names
+    assert "ressformer/native.c" in names  # the C kernels' source, built on first use
 
 
 def test_runtime_only_install(wheel, tiny_export, tmp_path):

@@ -1,0 +1,88 @@
+/* ressformer's CPU kernels for training, compiled on first use by ressformer/native.py (any C
+ * compiler: no PyTorch headers) and called through ctypes on contiguous rows.
+ *
+ * topk_f32 / topk_f64: the k largest of each row, sorted descending, ties toward the lower index
+ * (ONNX TopK's order; NaN ranks above every number, as in torch.topk; -0 equals +0). Values become
+ * integer keys of the same order; one pass in index order keeps the k best so far sorted, so an
+ * entry enters only if strictly larger than the k-th (an equal one has a higher index and ranks
+ * after), at the place that counts the kept keys >= it. On attention scores of a trained model this
+ * is ~2x torch.topk plus the tie repair it would need (docs/training.md).
+ *
+ * match_rows: for two rows of k distinct key indices each (a, b), pos[j] = the slot of a holding
+ * b[j], or k if a does not hold it: the pairs the structural-continuity loss multiplies. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline int32_t key_f32(float f) {
+    int32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = u == INT32_MIN ? 0 : u;          /* -0 == +0 */
+    u ^= (u >> 31) & INT32_MAX;          /* negative floats: flip the magnitude, so int order = float order */
+    return f != f ? INT32_MAX : u;       /* NaN first */
+}
+
+static inline int64_t key_f64(double f) {
+    int64_t u;
+    memcpy(&u, &f, sizeof u);
+    u = u == INT64_MIN ? 0 : u;
+    u ^= (u >> 63) & INT64_MAX;
+    return f != f ? INT64_MAX : u;
+}
+
+#define DEFINE_TOPK(NAME, T, K, KEY)                                                          \
+    int NAME(const T *x, int64_t rows, int64_t n, int64_t k, T *val, int64_t *idx) {          \
+        if (k < 1 || k > n || n > INT32_MAX) return 1;                                        \
+        K *kv = malloc(k * sizeof(K)); /* the best so far: keys descending, ties by index */  \
+        int32_t *ki = malloc(k * sizeof(int32_t));                                            \
+        if (!kv || !ki) return free(kv), free(ki), 2;                                         \
+        for (int64_t r = 0; r < rows; r++) {                                                  \
+            const T *row = x + r * n;                                                         \
+            for (int64_t j = 0; j < k; j++) { /* the first k, insertion-sorted */             \
+                K kj = KEY(row[j]);                                                           \
+                int64_t p = j;                                                                \
+                for (; p > 0 && kv[p - 1] < kj; p--) kv[p] = kv[p - 1], ki[p] = ki[p - 1];    \
+                kv[p] = kj, ki[p] = (int32_t)j;                                               \
+            }                                                                                 \
+            K kth = kv[k - 1];                                                                \
+            for (int64_t j = k; j < n; j++) {                                                 \
+                K kj = KEY(row[j]);                                                           \
+                if (kj <= kth) continue;                                                      \
+                int64_t p = 0;                                                                \
+                for (int64_t i = 0; i < k - 1; i++) p += kv[i] >= kj;                         \
+                memmove(kv + p + 1, kv + p, (k - 1 - p) * sizeof(K));                         \
+                memmove(ki + p + 1, ki + p, (k - 1 - p) * sizeof(int32_t));                   \
+                kv[p] = kj, ki[p] = (int32_t)j, kth = kv[k - 1];                              \
+            }                                                                                 \
+            for (int64_t i = 0; i < k; i++) idx[r * k + i] = ki[i], val[r * k + i] = row[ki[i]]; \
+        }                                                                                     \
+        free(kv), free(ki);                                                                   \
+        return 0;                                                                             \
+    }
+
+DEFINE_TOPK(topk_f32, float, int32_t, key_f32)
+DEFINE_TOPK(topk_f64, double, int64_t, key_f64)
+
+int match_rows(const int64_t *a, const int64_t *b, int64_t rows, int64_t k, int64_t n, int64_t *pos) {
+    if (n < 1 || n > INT32_MAX) return 1;
+    int32_t *slot = malloc(n * sizeof(int32_t)); /* slot[key] = its place in a's row, or -1 */
+    if (!slot) return 2;
+    for (int64_t i = 0; i < n; i++) slot[i] = -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *ra = a + r * k, *rb = b + r * k;
+        int bad = 0;
+        for (int64_t i = 0; i < k; i++) {
+            bad |= ra[i] < 0 || ra[i] >= n;
+            if (!bad) slot[ra[i]] = (int32_t)i;
+        }
+        for (int64_t j = 0; j < k && !bad; j++) {
+            bad |= rb[j] < 0 || rb[j] >= n;
+            if (!bad) pos[r * k + j] = slot[rb[j]] >= 0 ? slot[rb[j]] : k;
+        }
+        for (int64_t i = 0; i < k; i++)
+            if (ra[i] >= 0 && ra[i] < n) slot[ra[i]] = -1;
+        if (bad) return free(slot), 1;
+    }
+    free(slot);
+    return 0;
+}

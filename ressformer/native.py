@@ -1,0 +1,140 @@
+"""The C kernels of ressformer/native.c for CPU training: exact top-k selection (ONNX TopK's order,
+no tie repair needed) and the structural loss's index matching.
+
+Compiled on first use with the system's C compiler (`cc`, or $CC; no PyTorch headers, well under a
+second), cached under $RESSFORMER_CACHE or ~/.cache/ressformer by the source's hash, loaded with
+ctypes (calls release the GIL, so rows are split over torch's intra-op thread count). Where there is
+no compiler the callers use their PyTorch paths, which give the same results (tests compare both).
+RESSFORMER_NATIVE=0 turns the kernels off; =1 makes a failure to build them an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
+ENABLED: bool | None = {"0": False, "1": True}.get(os.environ.get("RESSFORMER_NATIVE", ""))
+ERROR: str | None = None  # why the kernels could not be built (then the PyTorch paths run)
+_LIB: ctypes.CDLL | None = None
+_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("RESSFORMER_CACHE") or Path.home() / ".cache" / "ressformer")
+    so = cache / f"native-{tag}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+            os.replace(tmp, so)  # atomic: a concurrent or interrupted build never leaves half a library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(so))
+    for name in ("topk_f32", "topk_f64"):
+        getattr(lib, name).argtypes = [_P, _I, _I, _I, _P, _P]
+    lib.match_rows.argtypes = [_P, _P, _I, _I, _I, _P]
+    return lib
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None where they are off or cannot be built."""
+    global _LIB, ERROR
+    if ENABLED is False or (ERROR is not None and not ENABLED):
+        return None
+    if _LIB is None:
+        with _LOCK:
+            if _LIB is None:
+                try:
+                    _LIB = _build()
+                except Exception as e:  # no compiler, read-only home, ...: the PyTorch paths
+                    ERROR = f"{type(e).__name__}: {e}"
+                    if ENABLED:
+                        raise
+                    warnings.warn(f"ressformer: the C kernels are unavailable ({ERROR}); the PyTorch "
+                                  "top-k runs instead (same results, slower)", RuntimeWarning, stacklevel=3)
+                    return None
+    return _LIB
+
+
+def _split(fn, rows: int, work: int, *args) -> None:
+    """fn(r0, r1) over row ranges, on torch's intra-op thread count where there is enough work."""
+    global _POOL
+    n = min(torch.get_num_threads(), rows, max(1, work // 200_000))
+    if n <= 1:
+        fn(0, rows, *args)
+        return
+    if _POOL is None or _POOL._max_workers < n:
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="ressformer-native")
+    step = -(-rows // n)
+    for f in [_POOL.submit(fn, r, min(r + step, rows), *args) for r in range(0, rows, step)]:
+        f.result()
+
+
+def usable(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in ts) and lib() is not None
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x (..., n) float32/float64 on a CPU -> (values, indices) (..., k), like `x.topk(k)` with ties
+    toward the lower index; None where the kernel does not apply (dtype, device, k, no compiler)."""
+    n = x.shape[-1]
+    if x.dtype not in (torch.float32, torch.float64) or not 0 < k <= n or not usable(x):
+        return None
+    x = x.detach().contiguous()
+    rows = x.numel() // n
+    val = x.new_empty((*x.shape[:-1], k))
+    idx = torch.empty((*x.shape[:-1], k), dtype=torch.long)
+    fn = _LIB.topk_f32 if x.dtype == torch.float32 else _LIB.topk_f64
+    xp, vp, ip, es = x.data_ptr(), val.data_ptr(), idx.data_ptr(), x.element_size()
+
+    def run(r0, r1):
+        if r1 > r0 and fn(xp + r0 * n * es, r1 - r0, n, k, vp + r0 * k * es, ip + r0 * k * 8):
+            raise ValueError(f"topk: k={k} out of range for rows of {n}")
+
+    _split(run, rows, rows * n)
+    return val, idx
+
+
+def match(idx_a: torch.Tensor, idx_b: torch.Tensor, n: int) -> torch.Tensor | None:
+    """idx_a, idx_b (..., k) int64, distinct indices in [0, n) per row -> pos (..., k): the slot of
+    idx_a's row holding idx_b[..., j], or k where it holds none. None where the kernel does not apply."""
+    if idx_a.shape != idx_b.shape or idx_a.dtype != torch.long or idx_b.dtype != torch.long or not usable(idx_a):
+        return None
+    k = idx_a.shape[-1]
+    a, b = idx_a.contiguous(), idx_b.contiguous()
+    rows = a.numel() // max(k, 1)
+    pos = torch.empty_like(a)
+    ap, bp, pp = a.data_ptr(), b.data_ptr(), pos.data_ptr()
+
+    def run(r0, r1):
+        if r1 > r0 and _LIB.match_rows(ap + r0 * k * 8, bp + r0 * k * 8, r1 - r0, k, n, pp + r0 * k * 8):
+            raise ValueError(f"match: an index outside [0, {n})")
+
+    if k:
+        _split(run, rows, rows * k * 8)
+    return pos
