@@ -234,6 +234,7 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
     norm = _NORM_OPS[normalizer]  # custom ops: their closed-form backward, also in the recompute
     chunk = chunk if chunk > 0 else max(T, 1)
     trim = not _branch_free(q.device)  # on a CPU: reading the mask costs no device sync
+    q = q.contiguous()  # heads() gives a (B, T, H, D) view: BLAS multiplies it ~4x slower on a CPU
     outs, idxs, ws = [], [], []
     for s in range(0, T, chunk):
         qc, mc, kc, vc = q[..., s:s + chunk, :], mask[s:s + chunk], k, v
@@ -356,7 +357,10 @@ def topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer: str, scale:
     T, N, D = q.shape[-2], k.shape[-2], q.shape[-1]
     kk = idx.shape[-1]
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    qx, kx, vx = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
+    qx, kx, vx = (t.contiguous().expand(*lead, *t.shape[-2:]) for t in (q, k, v))  # contiguous: see the forward
+    d_out = d_out.contiguous()
+    # not while torch.compile traces this backward: the traced graph would keep one chunk's width
+    trim = not _branch_free(q.device) and not torch.compiler.is_compiling()
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     gather = N > 2 * kk * D if gather is None else gather
     dq = torch.empty((*lead, T, D), dtype=q.dtype, device=q.device)
@@ -373,15 +377,17 @@ def topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer: str, scale:
             ds = vjp(wc, dwc) * scale  # dL/dscore of the selected keys (.., t, k)
             dq[..., sl, :] = (ds.unsqueeze(-2) @ _rows(kx, ic)).squeeze(-2)
             _scatter_rows(dk, ic, ds.unsqueeze(-1) * qc.unsqueeze(-2))  # dk[idx] += ds q
-        else:
-            dwc = d_w[..., sl, :] + (go @ vx.transpose(-1, -2)).gather(-1, ic)  # (.., t, k)
+        else:  # on a CPU only the keys up to the last one selected (the chunk's causal tail is not)
+            n = int(ic.max()) + 1 if trim and ic.numel() else N
+            kc, vc = kx[..., :n, :], vx[..., :n, :]
+            dwc = d_w[..., sl, :] + (go @ vc.transpose(-1, -2)).gather(-1, ic)  # (.., t, k)
             ds = vjp(wc, dwc) * scale
-            rows = (*ic.shape[:-1], N)
-            dense_w = wc.new_zeros(rows).scatter_(-1, ic, wc)  # (.., t, N), zero off the selection
+            rows = (*ic.shape[:-1], n)
+            dense_w = wc.new_zeros(rows).scatter_(-1, ic, wc)  # (.., t, n), zero off the selection
             dense_s = ds.new_zeros(rows).scatter_(-1, ic, ds)
-            dv += (dense_w.transpose(-1, -2) @ go).to(acc)
-            dq[..., sl, :] = dense_s @ kx
-            dk += (dense_s.transpose(-1, -2) @ qc).to(acc)
+            dv[..., :n, :] += (dense_w.transpose(-1, -2) @ go).to(acc)
+            dq[..., sl, :] = dense_s @ kc
+            dk[..., :n, :] += (dense_s.transpose(-1, -2) @ qc).to(acc)
     return (dq.sum_to_size(q.shape), dk.to(k.dtype).sum_to_size(k.shape), dv.to(v.dtype).sum_to_size(v.shape))
 
 
