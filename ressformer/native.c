@@ -10,6 +10,7 @@
  *
  * match_rows: for two rows of k distinct key indices each (a, b), pos[j] = the slot of a holding
  * b[j], or k if a does not hold it: the pairs the structural-continuity loss multiplies. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,3 +87,50 @@ int match_rows(const int64_t *a, const int64_t *b, int64_t rows, int64_t k, int6
     free(slot);
     return 0;
 }
+
+/* entmax15_sorted_f32 / _f64: entmax-1.5 of rows already sorted descending (the top-k values),
+ * the same operations in the same order as ressformer/ops.py's entmax15_kernel(presorted=True), so
+ * the same bits: x/2, max-shifted, clamped to -2 (NaN -> -2); the prefix sums accumulated in double
+ * as torch's CPU cumsum does; the threshold at the end of the leading run of tau <= z. */
+#define DEFINE_ENTMAX15(NAME, T)                                                              \
+    int NAME(const T *x, int64_t rows, int64_t k, T *y) {                                     \
+        if (k < 1) return 1;                                                                  \
+        T *z = malloc(k * sizeof(T)), *tau = malloc(k * sizeof(T));                           \
+        if (!z || !tau) return free(z), free(tau), 2;                                         \
+        for (int64_t r = 0; r < rows; r++) {                                                  \
+            const T *row = x + r * k;                                                         \
+            T *out = y + r * k, mx = -INFINITY;                                               \
+            int valid = 0, nan = 0;                                                           \
+            for (int64_t i = 0; i < k; i++) {                                                 \
+                T h = row[i] / 2;                                                             \
+                valid |= isfinite(h), nan |= isnan(h);                                        \
+                mx = h > mx ? h : mx;                                                         \
+            }                                                                                 \
+            mx = !valid ? 0 : nan ? NAN : mx;                                                 \
+            double s1 = 0, s2 = 0;                                                            \
+            int64_t support = 0, run = 1;                                                     \
+            for (int64_t i = 0; i < k; i++) {                                                 \
+                T d = row[i] / 2 - mx;                                                        \
+                z[i] = d != d ? (T)-2 : d < (T)-2 ? (T)-2 : d;                                \
+                T rho = (T)(i + 1);                                                           \
+                s1 += z[i], s2 += z[i] * z[i];                                                \
+                T mean = (T)s1 / rho, mean_sq = (T)s2 / rho;                                  \
+                T ss = rho * (mean_sq - mean * mean);                                         \
+                T delta = (1 - ss) / rho;                                                     \
+                delta = delta < 0 ? 0 : delta;                                                \
+                tau[i] = mean - (T)sqrt(delta);                                               \
+                run &= tau[i] <= z[i], support += run;                                        \
+            }                                                                                 \
+            T ts = tau[(support > 0 ? support : 1) - 1];                                      \
+            for (int64_t i = 0; i < k; i++) {                                                 \
+                T d = z[i] - ts;                                                              \
+                d = d < 0 ? 0 : d;                                                            \
+                out[i] = valid ? d * d : 0;                                                   \
+            }                                                                                 \
+        }                                                                                     \
+        free(z), free(tau);                                                                   \
+        return 0;                                                                             \
+    }
+
+DEFINE_ENTMAX15(entmax15_sorted_f32, float)
+DEFINE_ENTMAX15(entmax15_sorted_f64, double)

@@ -1,5 +1,5 @@
 """The C kernels of ressformer/native.c for CPU training: exact top-k selection (ONNX TopK's order,
-no tie repair needed) and the structural loss's index matching.
+no tie repair needed), entmax-1.5 of the sorted top-k values, and the structural loss's index matching.
 
 Compiled on first use with the system's C compiler (`cc`, or $CC; no PyTorch headers, well under a
 second), cached under $RESSFORMER_CACHE or ~/.cache/ressformer by the source's hash, loaded with
@@ -57,6 +57,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     for name in ("topk_f32", "topk_f64"):
         getattr(lib, name).argtypes = [_P, _I, _I, _I, _P, _P]
+    for name in ("entmax15_sorted_f32", "entmax15_sorted_f64"):
+        getattr(lib, name).argtypes = [_P, _I, _I, _P]
     lib.match_rows.argtypes = [_P, _P, _I, _I, _I, _P]
     return lib
 
@@ -118,6 +120,27 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
     _split(run, rows, rows * n)
     return val, idx
+
+
+def entmax15_sorted(x: torch.Tensor) -> torch.Tensor | None:
+    """entmax-1.5 along the last axis of rows sorted descending (float32/float64 on a CPU), as
+    ops.entmax15_kernel(x, presorted=True) computes it (the same operations; torch's vectorized sqrt
+    is not correctly rounded, so the results may differ in the last bit). None where it does not apply."""
+    k = x.shape[-1]
+    if x.dtype not in (torch.float32, torch.float64) or k < 1 or not usable(x):
+        return None
+    x = x.detach().contiguous()
+    y = torch.empty_like(x)
+    rows = x.numel() // k
+    fn = _LIB.entmax15_sorted_f32 if x.dtype == torch.float32 else _LIB.entmax15_sorted_f64
+    xp, yp, es = x.data_ptr(), y.data_ptr(), x.element_size()
+
+    def run(r0, r1):
+        if r1 > r0 and fn(xp + r0 * k * es, r1 - r0, k, yp + r0 * k * es):
+            raise MemoryError("entmax15_sorted: out of memory")
+
+    _split(run, rows, rows * k * 8)
+    return y
 
 
 def match(idx_a: torch.Tensor, idx_b: torch.Tensor, n: int) -> torch.Tensor | None:

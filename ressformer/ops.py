@@ -249,7 +249,8 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
             w = norm(val)  # (B, H, t, kk)
             dense = torch.zeros_like(sc).scatter(-1, idx, w)  # sparse weights as a dense row
         else:  # the custom op's forward: the normalizer on the sorted values, sc's buffer reused
-            w = KERNELS[normalizer](val, presorted=True)
+            w = native.entmax15_sorted(val) if normalizer == "entmax15" and trim else None  # C, on a CPU
+            w = KERNELS[normalizer](val, presorted=True) if w is None else w
             dense = sc.zero_().scatter_(-1, idx, w)
         outs.append(torch.matmul(dense, vc))
         idxs.append(idx)

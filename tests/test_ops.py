@@ -156,6 +156,30 @@ def test_topk_ties_lower_index(seed, use_native, dtype, monkeypatch):
     assert bool(calls) == use_native
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_entmax15_sorted(dtype):
+    """The C entmax-1.5 of sorted rows (the custom op's forward on a CPU) against entmax15_kernel:
+    the same operations, but torch's vectorized sqrt is not correctly rounded, so within a few ulp;
+    the same support; -inf, NaN and all -inf rows as the kernel has them; and the reference."""
+    assert native.lib() is not None, native.ERROR
+    g = torch.Generator().manual_seed(0)
+    eps = torch.finfo(dtype).eps
+    for k, scale in [(1, 1.0), (2, 1.0), (17, 0.1), (32, 1.0), (32, 10.0), (64, 1000.0)]:
+        x = (torch.randn(3000, k, generator=g, dtype=dtype) * scale).sort(-1, descending=True).values
+        x[:100, k // 2:] = float("-inf")
+        x[100:110] = float("-inf")
+        x[200:210, k // 3] = float("nan")
+        x[400:500] = x[400:500].round()
+        ref, got = ops.entmax15_kernel(x, presorted=True), native.entmax15_sorted(x)
+        torch.testing.assert_close(got, ref, rtol=8 * eps, atol=8 * eps, equal_nan=True)
+        assert torch.equal(got > 0, ref > 0)
+        assert torch.equal(got[100:110], torch.zeros_like(got[100:110]))
+    rows = x[500:520].numpy()
+    np.testing.assert_allclose(native.entmax15_sorted(x[500:520]).numpy(), reference.entmax15(rows),
+                               rtol=1e-5, atol=1e-6)
+    assert native.entmax15_sorted(x.half()) is None
+
+
 def test_native_topk_nan_and_worst_case():
     """NaN ranks first (as in torch.topk), ties among NaN by index; rows in ascending order (every
     entry enters the kept k) and rows longer than the work split across threads."""
