@@ -134,3 +134,77 @@ int match_rows(const int64_t *a, const int64_t *b, int64_t rows, int64_t k, int6
 
 DEFINE_ENTMAX15(entmax15_sorted_f32, float)
 DEFINE_ENTMAX15(entmax15_sorted_f64, double)
+
+/* attn_out: the top-k attention's output, out[b, i, :] = sum_j w[b, i, j] v[b, idx[b, i, j], :]. */
+#define DEFINE_ATTN_OUT(SUFFIX, T)                                                            \
+    int attn_out_##SUFFIX(const T *restrict w, const T *restrict v, const int64_t *idx, int64_t heads, \
+                          int64_t t, int64_t n, int64_t k, int64_t d, T *restrict out) {      \
+        for (int64_t r = 0; r < heads * t; r++) {                                             \
+            T *restrict o = out + r * d;                                                      \
+            for (int64_t c = 0; c < d; c++) o[c] = 0;                                         \
+            for (int64_t j = 0; j < k; j++) {                                                 \
+                const int64_t x = idx[r * k + j];                                             \
+                if (x < 0 || x >= n) return 1;                                                \
+                const T a = w[r * k + j], *restrict vr = v + ((r / t) * n + x) * d;           \
+                for (int64_t c = 0; c < d; c++) o[c] += a * vr[c];                            \
+            }                                                                                 \
+        }                                                                                     \
+        return 0;                                                                             \
+    }
+
+DEFINE_ATTN_OUT(f32, float)
+DEFINE_ATTN_OUT(f64, double)
+
+/* The top-k attention backward from the selection alone (ops.topk_attention_backward's sums, per
+ * head b and query i over its k selected keys idx[b, i, :]):
+ *   attn_dw:    dw[b, i, j] = go[b, i, :] . v[b, idx[b, i, j], :]
+ *   attn_grads: dq[b, i, :] = sum_j ds[b, i, j] k[b, idx, :]; dk[b, idx, :] += ds[b, i, j] q[b, i, :];
+ *               dv[b, idx, :] += w[b, i, j] go[b, i, :]   (dk, dv zeroed by the caller)
+ * No n-wide rows; heads are independent, so callers split them across threads. */
+#define DEFINE_ATTN_BWD(SUFFIX, T)                                                            \
+    int attn_dw_##SUFFIX(const T *go, const T *v, const int64_t *idx, int64_t heads, int64_t t, \
+                         int64_t n, int64_t k, int64_t d, T *dw) {                            \
+        for (int64_t b = 0; b < heads; b++)                                                   \
+            for (int64_t i = 0; i < t; i++) {                                                 \
+                const T *g = go + (b * t + i) * d;                                            \
+                const int64_t *ix = idx + (b * t + i) * k;                                    \
+                for (int64_t j = 0; j < k; j++) {                                             \
+                    if (ix[j] < 0 || ix[j] >= n) return 1;                                    \
+                    const T *vr = v + (b * n + ix[j]) * d;                                    \
+                    T acc[8] = {0}, s = 0; /* 8 lanes: a dot product the compiler vectorizes */ \
+                    int64_t c = 0;                                                            \
+                    for (; c + 8 <= d; c += 8)                                                \
+                        for (int l = 0; l < 8; l++) acc[l] += g[c + l] * vr[c + l];           \
+                    for (; c < d; c++) s += g[c] * vr[c];                                     \
+                    for (int l = 0; l < 8; l++) s += acc[l];                                  \
+                    dw[(b * t + i) * k + j] = s;                                              \
+                }                                                                             \
+            }                                                                                 \
+        return 0;                                                                             \
+    }                                                                                         \
+    int attn_grads_##SUFFIX(const T *restrict ds, const T *restrict w, const T *restrict q,   \
+                            const T *restrict go, const T *restrict kx, const int64_t *idx,   \
+                            int64_t heads, int64_t t, int64_t n, int64_t k, int64_t d,        \
+                            T *restrict dq, T *restrict dk, T *restrict dv) {                 \
+        for (int64_t b = 0; b < heads; b++)                                                   \
+            for (int64_t i = 0; i < t; i++) {                                                 \
+                const int64_t r = b * t + i, *ix = idx + r * k;                               \
+                const T *restrict qr = q + r * d, *restrict gr = go + r * d;                  \
+                T *restrict dqr = dq + r * d;                                                 \
+                for (int64_t c = 0; c < d; c++) dqr[c] = 0;                                   \
+                for (int64_t j = 0; j < k; j++) {                                             \
+                    if (ix[j] < 0 || ix[j] >= n) return 1;                                    \
+                    const int64_t row = (b * n + ix[j]) * d;                                  \
+                    const T s = ds[r * k + j], a = w[r * k + j];                              \
+                    const T *restrict kr = kx + row;                                          \
+                    T *restrict dkr = dk + row, *restrict dvr = dv + row;                     \
+                    for (int64_t c = 0; c < d; c++) dqr[c] += s * kr[c];                      \
+                    for (int64_t c = 0; c < d; c++) dkr[c] += s * qr[c];                      \
+                    for (int64_t c = 0; c < d; c++) dvr[c] += a * gr[c];                      \
+                }                                                                             \
+            }                                                                                 \
+        return 0;                                                                             \
+    }
+
+DEFINE_ATTN_BWD(f32, float)
+DEFINE_ATTN_BWD(f64, double)

@@ -1,5 +1,6 @@
 """The C kernels of ressformer/native.c for CPU training: exact top-k selection (ONNX TopK's order,
-no tie repair needed), entmax-1.5 of the sorted top-k values, and the structural loss's index matching.
+no tie repair needed), entmax-1.5 of the sorted top-k values, the top-k attention's output and backward
+from the selection alone, and the structural loss's index matching.
 
 Compiled on first use with the system's C compiler (`cc`, or $CC; no PyTorch headers, well under a
 second), cached under $RESSFORMER_CACHE or ~/.cache/ressformer by the source's hash, loaded with
@@ -59,6 +60,12 @@ def _build() -> ctypes.CDLL:
         getattr(lib, name).argtypes = [_P, _I, _I, _I, _P, _P]
     for name in ("entmax15_sorted_f32", "entmax15_sorted_f64"):
         getattr(lib, name).argtypes = [_P, _I, _I, _P]
+    for name in ("attn_out_f32", "attn_out_f64"):
+        getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _P]
+    for name in ("attn_dw_f32", "attn_dw_f64"):
+        getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _P]
+    for name in ("attn_grads_f32", "attn_grads_f64"):
+        getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P]
     lib.match_rows.argtypes = [_P, _P, _I, _I, _I, _P]
     return lib
 
@@ -141,6 +148,70 @@ def entmax15_sorted(x: torch.Tensor) -> torch.Tensor | None:
 
     _split(run, rows, rows * k * 8)
     return y
+
+
+def attention_out(w: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """out (..., t, D) = sum_j w[..., j] v[..., idx[..., j], :] for w, idx (..., t, k) and v (..., N, D) of
+    the same leading shape, float32/float64 on a CPU (no n-wide rows); None where it does not apply."""
+    lead, (t, kk), (N, D) = w.shape[:-2], w.shape[-2:], v.shape[-2:]
+    if (w.dtype not in (torch.float32, torch.float64) or v.dtype != w.dtype or v.shape[:-2] != lead
+            or idx.shape != w.shape or not usable(w)):
+        return None
+    w, v, idx = w.detach().contiguous(), v.detach().contiguous(), idx.contiguous()
+    out = w.new_empty((*lead, t, D))
+    heads, es = w.numel() // max(t * kk, 1), w.element_size()
+    fn = _LIB.attn_out_f32 if w.dtype == torch.float32 else _LIB.attn_out_f64
+
+    def run(b0, b1):
+        if b1 > b0 and fn(w.data_ptr() + b0 * t * kk * es, v.data_ptr() + b0 * N * D * es,
+                          idx.data_ptr() + b0 * t * kk * 8, b1 - b0, t, N, kk, D, out.data_ptr() + b0 * t * D * es):
+            raise ValueError(f"attention: a selected index outside [0, {N})")
+
+    if t * kk:
+        _split(run, heads, heads * t * kk * D)
+    else:
+        out.zero_()
+    return out
+
+
+def attention_backward(q, k, v, idx, w, d_out, d_w, vjp, scale: float):
+    """ops.topk_attention_backward's sums from the selection alone, per head and query over its k keys
+    (no n-wide rows): q, d_out (..., T, D), k, v (..., N, D) with the same leading shape, idx, w,
+    d_w (..., T, k), float32/float64 on a CPU; vjp(w, dw) the normalizer's. (dq, dk, dv), or None
+    where the kernel does not apply."""
+    lead, (T, D), N, kk = q.shape[:-2], q.shape[-2:], k.shape[-2], idx.shape[-1]
+    ts = (q, k, v, w, d_out)
+    if (q.dtype not in (torch.float32, torch.float64) or any(t.dtype != q.dtype for t in ts)
+            or k.shape[:-2] != lead or v.shape != k.shape or idx.shape[:-1] != (*lead, T) or not usable(q)):
+        return None
+    sfx = "f32" if q.dtype == torch.float32 else "f64"
+    q, k, v, idx, w, d_out = (t.detach().contiguous() for t in (q, k, v, idx, w, d_out))
+    heads = q.numel() // max(T * D, 1)
+    es = q.element_size()
+    dw = torch.empty_like(w)
+    dw_fn, grads_fn = getattr(_LIB, f"attn_dw_{sfx}"), getattr(_LIB, f"attn_grads_{sfx}")
+
+    def run_dw(b0, b1):
+        if b1 > b0 and dw_fn(d_out.data_ptr() + b0 * T * D * es, v.data_ptr() + b0 * N * D * es,
+                             idx.data_ptr() + b0 * T * kk * 8, b1 - b0, T, N, kk, D, dw.data_ptr() + b0 * T * kk * es):
+            raise ValueError(f"attention backward: a selected index outside [0, {N})")
+
+    work = heads * T * kk * D
+    _split(run_dw, heads, work)
+    if d_w is not None:
+        dw += d_w
+    ds = (vjp(w, dw) * scale).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def run_grads(b0, b1):
+        o_t, o_n, o_k = b0 * T * D * es, b0 * N * D * es, b0 * T * kk * es
+        if b1 > b0 and grads_fn(ds.data_ptr() + o_k, w.data_ptr() + o_k, q.data_ptr() + o_t, d_out.data_ptr() + o_t,
+                                k.data_ptr() + o_n, idx.data_ptr() + b0 * T * kk * 8, b1 - b0, T, N, kk, D,
+                                dq.data_ptr() + o_t, dk.data_ptr() + o_n, dv.data_ptr() + o_n):
+            raise ValueError(f"attention backward: a selected index outside [0, {N})")
+
+    _split(run_grads, heads, 3 * work)
+    return dq, dk, dv
 
 
 def match(idx_a: torch.Tensor, idx_b: torch.Tensor, n: int) -> torch.Tensor | None:

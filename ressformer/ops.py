@@ -247,12 +247,13 @@ def topk_attention_kernel(q, k, v, mask, top_k: int, normalizer: str, scale: flo
         val, idx = topk_lower_index(sc, kk)  # sorted, descending, ties: lower index
         if val.requires_grad:  # autograd through the kernel (the reference path)
             w = norm(val)  # (B, H, t, kk)
-            dense = torch.zeros_like(sc).scatter(-1, idx, w)  # sparse weights as a dense row
-        else:  # the custom op's forward: the normalizer on the sorted values, sc's buffer reused
-            w = native.entmax15_sorted(val) if normalizer == "entmax15" and trim else None  # C, on a CPU
+            out = torch.matmul(torch.zeros_like(sc).scatter(-1, idx, w), vc)  # sparse weights as dense rows
+        else:  # the custom op's forward: the normalizer on the sorted values; on a CPU in C
+            w = native.entmax15_sorted(val) if normalizer == "entmax15" and trim else None
             w = KERNELS[normalizer](val, presorted=True) if w is None else w
-            dense = sc.zero_().scatter_(-1, idx, w)
-        outs.append(torch.matmul(dense, vc))
+            out = native.attention_out(w, v, idx) if trim else None  # C: the k rows, no n-wide row
+            out = torch.matmul(sc.zero_().scatter_(-1, idx, w), vc) if out is None else out  # sc's buffer reused
+        outs.append(out)
         idxs.append(idx)
         ws.append(w)
     if T == 0:
@@ -357,6 +358,10 @@ def topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer: str, scale:
     """
     T, N, D = q.shape[-2], k.shape[-2], q.shape[-1]
     kk = idx.shape[-1]
+    if gather is None and not _branch_free(q.device) and not torch.compiler.is_compiling():
+        got = native.attention_backward(q, k, v, idx, w, d_out, d_w, VJPS[normalizer], scale)  # C, on a CPU
+        if got is not None:
+            return got
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     qx, kx, vx = (t.contiguous().expand(*lead, *t.shape[-2:]) for t in (q, k, v))  # contiguous: see the forward
     d_out = d_out.contiguous()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ressformer import ops
+from ressformer import native, ops
 from ressformer.model import MoE
 
 from .conftest import perturbed_model
@@ -46,11 +46,24 @@ def attention_case(seed=0, T=13, N=29, D=6, ties=False):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("gather", (False, True))
+LAYOUTS = dict(argvalues=(False, True, None), ids=("dense", "gather", "native"))
+
+
+def native_calls(monkeypatch) -> list:
+    """Counts the C backward's calls (ressformer/native.c, built here: fails where it cannot be)."""
+    assert native.lib() is not None, native.ERROR
+    calls, real = [], native.attention_backward
+    monkeypatch.setattr(native, "attention_backward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("gather", **LAYOUTS)
 @pytest.mark.parametrize("ties", (False, True))
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_sparse_backward_vs_float64_reference(normalizer, ties, gather, monkeypatch):
+    """Each backward layout: dense rows, gathered rows (PyTorch) and the C kernel (gather=None on a CPU)."""
     monkeypatch.setattr(ops, "BACKWARD_GATHER", gather)
+    calls = native_calls(monkeypatch)
     q, k, v, mask = attention_case(ties=ties)
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -67,19 +80,23 @@ def test_sparse_backward_vs_float64_reference(normalizer, ties, gather, monkeypa
     want = torch.autograd.grad((r_out, r_w), ref, (d_out, d_w))
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-10
+    assert bool(calls) == (gather is None)
 
 
-@pytest.mark.parametrize("gather", (False, True))
+@pytest.mark.parametrize("gather", **LAYOUTS)
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_gradcheck_both_backward_layouts(normalizer, gather, monkeypatch):
     monkeypatch.setattr(ops, "BACKWARD_GATHER", gather)
+    calls = native_calls(monkeypatch)
     q, k, v, mask = attention_case(seed=1, T=5, N=9, D=3)
     args = [t[:1, :2].clone().requires_grad_() for t in (q, k, v)]
     fn = lambda q, k, v: ops.topk_attention(q, k, v, mask, 4, normalizer, 0.7, 2)[::2]  # (out, w)
     assert torch.autograd.gradcheck(fn, args)
+    assert bool(calls) == (gather is None)
 
 
-def test_backward_layouts_agree_in_float32_and_bf16():
+def test_backward_layouts_agree_in_float32_and_bf16(monkeypatch):
+    calls = native_calls(monkeypatch)
     q, k, v, mask = attention_case(seed=2, T=40, N=70, D=8)
     _, idx, w = ops.topk_attention(q, k, v, mask, 6, "entmax15", 0.3)
     g = torch.Generator().manual_seed(0)
@@ -88,12 +105,13 @@ def test_backward_layouts_agree_in_float32_and_bf16():
     want = ops.topk_attention_backward(q, k, v, idx, w, d_out, d_w, "entmax15", 0.3, 16, gather=True)
     for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         c = [t.to(dt) for t in (q, k, v)]
-        for gather in (False, True):
+        for gather in (False, True, None):  # None: the C kernel for float32, a layout by shape for bf16
             got = ops.topk_attention_backward(*c, idx, w.to(dt), d_out.to(dt), d_w.to(dt), "entmax15", 0.3, 16,
                                               gather=gather)
             for a, b in zip(got, want):
                 assert a.dtype == dt
                 torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=0)
+    assert len(calls) == 2  # float32 ran the kernel; bfloat16 tried it
 
 
 class OpLog(TorchDispatchMode):

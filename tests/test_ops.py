@@ -158,26 +158,42 @@ def test_topk_ties_lower_index(seed, use_native, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_entmax15_sorted(dtype):
-    """The C entmax-1.5 of sorted rows (the custom op's forward on a CPU) against entmax15_kernel:
-    the same operations, but torch's vectorized sqrt is not correctly rounded, so within a few ulp;
-    the same support; -inf, NaN and all -inf rows as the kernel has them; and the reference."""
+    """The C entmax-1.5 of sorted rows (the custom op's forward on a CPU) against the float64
+    reference, and on NaN rows against entmax15_kernel (the same operations; NaN -> -2). Not the
+    kernel on large tensors: torch 2.13's CPU kernel gave 1 - 2^-11 instead of 1 on rows of one
+    value in its second thread, now and then (issue 22's note)."""
     assert native.lib() is not None, native.ERROR
     g = torch.Generator().manual_seed(0)
-    eps = torch.finfo(dtype).eps
+    atol = 2e-6 if dtype == torch.float32 else 1e-13
     for k, scale in [(1, 1.0), (2, 1.0), (17, 0.1), (32, 1.0), (32, 10.0), (64, 1000.0)]:
         x = (torch.randn(3000, k, generator=g, dtype=dtype) * scale).sort(-1, descending=True).values
         x[:100, k // 2:] = float("-inf")
         x[100:110] = float("-inf")
-        x[200:210, k // 3] = float("nan")
         x[400:500] = x[400:500].round()
-        ref, got = ops.entmax15_kernel(x, presorted=True), native.entmax15_sorted(x)
-        torch.testing.assert_close(got, ref, rtol=8 * eps, atol=8 * eps, equal_nan=True)
-        assert torch.equal(got > 0, ref > 0)
-        assert torch.equal(got[100:110], torch.zeros_like(got[100:110]))
-    rows = x[500:520].numpy()
-    np.testing.assert_allclose(native.entmax15_sorted(x[500:520]).numpy(), reference.entmax15(rows),
-                               rtol=1e-5, atol=1e-6)
+        got = native.entmax15_sorted(x)
+        np.testing.assert_allclose(got.numpy(), reference.entmax15(x.numpy()), rtol=0, atol=atol)
+        assert torch.equal(got[100:110], torch.zeros_like(got[100:110]))  # no finite entry: zeros
+        nan = x[200:210].clone()
+        nan[:, k // 3] = float("nan")
+        torch.testing.assert_close(native.entmax15_sorted(nan), ops.entmax15_kernel(nan, presorted=True),
+                                   rtol=0, atol=8 * torch.finfo(dtype).eps)
     assert native.entmax15_sorted(x.half()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_attention_out(dtype):
+    """The C output of the custom op's forward (the k selected value rows summed) equals the dense
+    rows' matmul; an index outside the keys is an error; the custom op's forward runs it."""
+    assert native.lib() is not None, native.ERROR
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 3, 50, 8, generator=g, dtype=dtype)
+    idx = torch.rand(2, 3, 7, 50, generator=g).argsort(-1)[..., :5]
+    w = torch.rand(2, 3, 7, 5, generator=g, dtype=dtype)
+    want = torch.zeros(2, 3, 7, 50, dtype=dtype).scatter(-1, idx, w) @ v
+    torch.testing.assert_close(native.attention_out(w, v, idx), want, rtol=0, atol=8 * torch.finfo(dtype).eps)
+    with pytest.raises(ValueError, match="outside"):
+        native.attention_out(w, v, idx + 50)
+    assert native.attention_out(w.half(), v.half(), idx) is None
 
 
 def test_native_topk_nan_and_worst_case():
