@@ -114,8 +114,8 @@ class Attention(nn.Module):
         if past_len is not None:  # past_k/v: a buffer whose first past_len rows are the segment so far
             return self._forward_parts(q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len)
         P, C, m = past_k.shape[-2], cache_k.shape[-2], mem_k.shape[-2]
-        if (self.skip_empty_cache and cache_valid == 0 and C and 0 < cfg.top_k <= m + P + 1 and self.record is None
-                and not _exporting()):
+        if (self.skip_empty_cache and isinstance(cache_valid, int) and cache_valid == 0 and C  # eager, not traced
+                and 0 < cfg.top_k <= m + P + 1 and self.record is None and not _exporting()):
             # before the first segment ends no query may see the cache: score without it (as the
             # runtimes do), the same selection since every query still has >= top_k candidates;
             # idx renumbered to the cache's place
