@@ -154,6 +154,6 @@ for order in ordered shuffled; do  # ReSSFormer on 2048-byte windows: 8 segments
     --json-out "$R/eval_ressformer-2048_${order}.json"
 done
 # 5. training speed and memory (issue 13; docs/training.md): ReSSFormer vs the dense baseline, one thread
-python -m ressformer.bench.train_speed --steps 3 --warmup 1 --lengths 512,1024,2048 --threads 1 \
+python -m ressformer.bench.train_speed --steps 6 --warmup 2 --lengths 512,1024,2048 --threads 1 \
   --json "$R/train_speed.json" --plot "$R/train_memory_vs_length.png"
 }

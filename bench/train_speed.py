@@ -7,7 +7,7 @@ RSS (ru_maxrss) of the child. Then the peak RSS of one training step against the
 (batch 1), each point again in a fresh child.
 
     python -m ressformer.bench.train_speed [--preset small] [--batch-size 8] [--seq-len 512]
-        [--steps 3] [--warmup 1] [--threads 1] [--lengths 512,1024,2048] [--json F] [--plot F]
+        [--steps 6] [--warmup 2] [--threads 1] [--lengths 512,1024,2048] [--json F] [--plot F]
         [--compile] [--checkout DIR]
 
 Steps of the two models alternate in one child (A B A B ...: load changes hit both alike;
@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)  # the first steps still grow the heap
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lengths", default="512,1024,2048", help="comma-separated; empty: skip")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each child")
