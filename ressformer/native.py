@@ -43,19 +43,21 @@ def _build() -> ctypes.CDLL:
     tag = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("RESSFORMER_CACHE") or Path.home() / ".cache" / "ressformer")
     so = cache / f"native-{tag}.so"
-    if not so.exists():
+    try:
+        lib = ctypes.CDLL(str(so))
+    except OSError:  # not built yet (or a damaged file): build, then load
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=cache)
         os.close(fd)
         try:
             r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             if r.returncode:
-                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}") from None
             os.replace(tmp, so)  # atomic: a concurrent or interrupted build never leaves half a library
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(so))
+        lib = ctypes.CDLL(str(so))
     for name in ("topk_f32", "topk_f64"):
         getattr(lib, name).argtypes = [_P, _I, _I, _I, _P, _P]
     for name in ("entmax15_sorted_f32", "entmax15_sorted_f64"):
@@ -84,8 +86,8 @@ def lib() -> ctypes.CDLL | None:
                     ERROR = f"{type(e).__name__}: {e}"
                     if ENABLED:
                         raise
-                    warnings.warn(f"ressformer: the C kernels are unavailable ({ERROR}); the PyTorch "
-                                  "top-k runs instead (same results, slower)", RuntimeWarning, stacklevel=3)
+                    warnings.warn(f"ressformer: the C kernels are unavailable ({ERROR}); PyTorch code runs "
+                                  "instead (the same results, slower training on a CPU)", RuntimeWarning, stacklevel=3)
                     return None
     return _LIB
 

@@ -196,6 +196,39 @@ def test_native_attention_out(dtype):
     assert native.attention_out(w.half(), v.half(), idx) is None
 
 
+def test_native_build_and_fallback(tmp_path, monkeypatch):
+    """A fresh cache: the kernels build there (one library, no temporary file left) and load again
+    from it, a damaged library is rebuilt; no compiler: one warning, ERROR says why, and the PyTorch
+    path gives the same top-k; RESSFORMER_NATIVE=1 (ENABLED True) makes that an error."""
+    x = torch.randint(-3, 4, (50, 40), generator=torch.Generator().manual_seed(0)).float()
+    want = ops.topk_lower_index(x, 7)
+    monkeypatch.setenv("RESSFORMER_CACHE", str(tmp_path))
+    for attr, value in (("_LIB", None), ("ERROR", None), ("ENABLED", None)):
+        monkeypatch.setattr(native, attr, value)
+    assert native.lib() is not None
+    (so,) = tmp_path.iterdir()
+    assert so.name.startswith("native-") and so.suffix == ".so"
+    damaged = tmp_path / "damaged" / so.name  # another path: the process keeps the first one mapped
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not a library")
+    monkeypatch.setenv("RESSFORMER_CACHE", str(damaged.parent))
+    monkeypatch.setattr(native, "_LIB", None)
+    assert native.lib() is not None and damaged.stat().st_size > 1000 and len(list(damaged.parent.iterdir())) == 1
+    assert all(torch.equal(a, b) for a, b in zip(native.topk(x, 7), want))
+
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("RESSFORMER_CACHE", str(tmp_path / "fresh"))
+    with pytest.warns(RuntimeWarning, match="C kernels are unavailable"):
+        assert native.lib() is None
+    assert "no-such-compiler" in native.ERROR
+    assert native.topk(x, 7) is None  # no second warning; the callers take PyTorch
+    assert all(torch.equal(a, b) for a, b in zip(ops.topk_lower_index(x, 7), want))
+    monkeypatch.setattr(native, "ENABLED", True)
+    with pytest.raises(Exception, match="no-such-compiler"):
+        native.lib()
+
+
 def test_native_topk_nan_and_worst_case():
     """NaN ranks first (as in torch.topk), ties among NaN by index; rows in ascending order (every
     entry enters the kept k) and rows longer than the work split across threads."""
