@@ -177,7 +177,7 @@ def topk_lower_index(x: torch.Tensor, k: int, branch_free: bool | None = None):
     TopK specifies; torch.topk leaves the order (and which tied entries make the cut) unspecified.
 
     On a CPU (not branch-free) the C kernel of `ressformer.native` selects in that order directly
-    where it is built (~2x torch.topk and its tie repair on a trained model's scores;
+    where it is built (~2.4x torch.topk and its tie repair on a trained model's scores;
     `native.ENABLED = False` forces what follows, which gives the same results):
 
     Branch-free (`branch_free`, default: BRANCH_FREE, else off a CPU): every row takes the same
@@ -354,7 +354,9 @@ def topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer: str, scale:
     weights of each query into a chunk x N row block and runs dense matmuls (the forward's own
     layout, chunk x N like its scores). On a CPU the matmuls are ~4x faster while k D > N (the
     training shapes: k 32, D 32, N <= 416); gathering wins once N >> k D (long contexts).
-    None: gather iff N > 2 k D. dk/dv accumulate in float32 for half inputs.
+    None: gather iff N > 2 k D. dk/dv accumulate in float32 for half inputs. On a CPU, for
+    float32/float64 and gather None, the C kernels of `ressformer.native` compute the same sums per
+    (query, selected key) pair instead, with no n-wide rows (3x the dense layout at `small`).
     """
     T, N, D = q.shape[-2], k.shape[-2], q.shape[-1]
     kk = idx.shape[-1]
