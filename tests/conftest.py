@@ -45,3 +45,18 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("ex") / "tiny"
     export_checkpoint(tiny_checkpoint, out, validate=validate_export, step_graphs=True, progress=lambda s: None)
     return out
+
+
+def native_calls(monkeypatch, name: str, use: bool = True) -> list:
+    """use: count the calls of the C kernel wrapper ressformer.native.<name> (built here: the test
+    fails where it cannot be, rather than silently testing PyTorch twice); else turn the C kernels off."""
+    from ressformer import native
+
+    calls = []
+    if use:
+        assert native.lib() is not None, native.ERROR
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(native, "ENABLED", False)
+    return calls

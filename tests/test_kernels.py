@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ressformer import native, ops
+from ressformer import ops
 from ressformer.model import MoE
 
-from .conftest import perturbed_model
+from .conftest import native_calls, perturbed_model
 
 NORMALIZERS = ("entmax15", "sparsemax", "softmax")
 
@@ -49,21 +49,13 @@ def attention_case(seed=0, T=13, N=29, D=6, ties=False):
 LAYOUTS = dict(argvalues=(False, True, None), ids=("dense", "gather", "native"))
 
 
-def native_calls(monkeypatch) -> list:
-    """Counts the C backward's calls (ressformer/native.c, built here: fails where it cannot be)."""
-    assert native.lib() is not None, native.ERROR
-    calls, real = [], native.attention_backward
-    monkeypatch.setattr(native, "attention_backward", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 @pytest.mark.parametrize("gather", **LAYOUTS)
 @pytest.mark.parametrize("ties", (False, True))
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_sparse_backward_vs_float64_reference(normalizer, ties, gather, monkeypatch):
     """Each backward layout: dense rows, gathered rows (PyTorch) and the C kernel (gather=None on a CPU)."""
     monkeypatch.setattr(ops, "BACKWARD_GATHER", gather)
-    calls = native_calls(monkeypatch)
+    calls = native_calls(monkeypatch, "attention_backward")
     q, k, v, mask = attention_case(ties=ties)
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -87,7 +79,7 @@ def test_sparse_backward_vs_float64_reference(normalizer, ties, gather, monkeypa
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_gradcheck_both_backward_layouts(normalizer, gather, monkeypatch):
     monkeypatch.setattr(ops, "BACKWARD_GATHER", gather)
-    calls = native_calls(monkeypatch)
+    calls = native_calls(monkeypatch, "attention_backward")
     q, k, v, mask = attention_case(seed=1, T=5, N=9, D=3)
     args = [t[:1, :2].clone().requires_grad_() for t in (q, k, v)]
     fn = lambda q, k, v: ops.topk_attention(q, k, v, mask, 4, normalizer, 0.7, 2)[::2]  # (out, w)
@@ -96,7 +88,7 @@ def test_gradcheck_both_backward_layouts(normalizer, gather, monkeypatch):
 
 
 def test_backward_layouts_agree_in_float32_and_bf16(monkeypatch):
-    calls = native_calls(monkeypatch)
+    calls = native_calls(monkeypatch, "attention_backward")
     q, k, v, mask = attention_case(seed=2, T=40, N=70, D=8)
     _, idx, w = ops.topk_attention(q, k, v, mask, 6, "entmax15", 0.3)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ from ressformer import ReSSFormer, ReSSFormerConfig, native
 from ressformer import model as model_mod
 from ressformer.model import State, structural_continuity
 
-from .conftest import perturbed_model
+from .conftest import native_calls, perturbed_model
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +126,7 @@ def test_struct_loss_zero_for_equal_graphs():
 def test_struct_loss_matches_dense(use_native, monkeypatch):
     """Both ways of matching the two rows' keys: the C kernel (ressformer/native.c, built here: the
     test fails where it cannot be) and the sort of the 2k indices."""
-    calls = []
-    if use_native:
-        assert native.lib() is not None, native.ERROR
-        match = native.match
-        monkeypatch.setattr(native, "match", lambda *a: calls.append(1) or match(*a))
-    else:
-        monkeypatch.setattr(native, "ENABLED", False)
+    calls = native_calls(monkeypatch, "match", use_native)
     g = torch.Generator().manual_seed(0)
     B, H, T, N, k = 2, 2, 6, 20, 5
     ia, ib = (torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * H * T)]).view(B, H, T, k)

@@ -18,6 +18,7 @@ from ressformer.export import reference
 
 from ressformer import native, ops
 
+from .conftest import native_calls
 from .op_cases import (
     ALL_MASKED_ROW,
     ATOL,
@@ -134,13 +135,7 @@ def test_topk_ties_lower_index(seed, use_native, dtype, monkeypatch):
     """torch.topk leaves ties unspecified; topk_lower_index breaks finite ties like ONNX TopK, in
     its C kernel (ressformer/native.c, built here: the test fails where it cannot be) and in
     PyTorch. Ties among -inf (masked, weight exactly 0) may come in any order in PyTorch; -0 == +0."""
-    calls = []
-    if use_native:
-        assert native.lib() is not None, native.ERROR
-        topk = native.topk
-        monkeypatch.setattr(native, "topk", lambda *a: calls.append(1) or topk(*a))
-    else:
-        monkeypatch.setattr(native, "ENABLED", False)
+    calls = native_calls(monkeypatch, "topk", use_native)
     g = torch.Generator().manual_seed(seed)
     for _ in range(40):
         n = int(torch.randint(1, 50, (1,), generator=g))
