@@ -35,6 +35,14 @@ _POOL: ThreadPoolExecutor | None = None
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
+def _forget_pool() -> None:  # a forked child has the pool object but none of its threads
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:

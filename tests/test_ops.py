@@ -9,6 +9,7 @@ tolerances (absolute, on values in [0, 1]; `atol_out` on attention outputs).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import entmax
 import numpy as np
@@ -244,6 +245,13 @@ def test_native_topk_nan_and_worst_case():
     ref = x.sort(dim=-1, descending=True, stable=True)
     assert torch.equal(idx, ref.indices[..., :32]) and torch.equal(val, ref.values[..., :32])
     assert native.topk(x.half(), 3) is None and native.topk(x, 0) is None  # not for the kernel: PyTorch
+    # a forked child has the pool object but none of its threads: it forgets the pool (and would
+    # start a new one). Only checked, not run: torch's OpenMP itself may hang in a forked child.
+    assert native._POOL is not None
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if native._POOL is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
 
 
 @pytest.mark.parametrize("e,k", [(1, 1), (3, 2), (8, 2), (8, 8), (64, 2)])
