@@ -4,7 +4,7 @@
 # then optionally `base` trained for MINUTES (0 skips it). Run from the repository root on a CUDA
 # machine with the package importable (and triton installed: it comes with CUDA builds of torch):
 #   bash bench/gpu_check.sh [OUT_DIR] [MINUTES]
-# Writes OUT_DIR/{env.txt, gpu_tests.log, triton_tests.log, speed.log, speed.json} and, with
+# Writes OUT_DIR/{env.txt, gpu_tests.log, triton_tests.log, speed.log, speed*.json} and, with
 # MINUTES > 0, base.log and the run folder OUT_DIR/base.
 set -u
 OUT=${1:-runs/gpu}
@@ -30,6 +30,10 @@ eval timeout 150 $PY -m ressformer.bench.train_speed $SPEED --json "$OUT/speed.j
 # shellcheck disable=SC2086
 RESSFORMER_TRITON=0 eval timeout 100 $PY -m ressformer.bench.train_speed $SPEED --speed-only \
   --json "$OUT/speed_pytorch_kernel.json" 2>&1 | tee -a "$OUT/speed.log"
+# issue 22, item 1: torch.compile of both models on CUDA bf16 (the Triton kernels stay opaque custom ops)
+# shellcheck disable=SC2086
+eval timeout 150 $PY -m ressformer.bench.train_speed $SPEED --speed-only --compile \
+  --json "$OUT/speed_compiled.json" 2>&1 | tee -a "$OUT/speed.log"
 
 if [ "$MINUTES" != 0 ]; then
   $PY -m ressformer.cli train --preset base --steps 3000 --max-minutes "$MINUTES" --batch-size 8 --lr 1e-3 \
