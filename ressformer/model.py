@@ -114,13 +114,11 @@ class Attention(nn.Module):
         if past_len is not None:  # past_k/v: a buffer whose first past_len rows are the segment so far
             return self._forward_parts(q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len)
         P, C, m = past_k.shape[-2], cache_k.shape[-2], mem_k.shape[-2]
-        if (self.skip_empty_cache and isinstance(cache_valid, int) and cache_valid == 0 and C  # eager, not traced
+        skipped = 0  # before the first segment ends no query may see the cache: score without it (as
+        # the runtimes do; eager runs only), the same selection while every query has >= top_k candidates
+        if (self.skip_empty_cache and isinstance(cache_valid, int) and cache_valid == 0 and C
                 and 0 < cfg.top_k <= m + P + 1 and self.record is None and not _exporting()):
-            # before the first segment ends no query may see the cache: score without it (as the
-            # runtimes do), the same selection since every query still has >= top_k candidates;
-            # idx renumbered to the cache's place
-            out, idx, w = self._forward_no_cache(x, q, k, v, mem_k, mem_v, past_k, past_v)
-            return out, k, v, idx + C * (idx >= m), w
+            skipped, C, cache_k, cache_v = C, 0, cache_k[..., :0, :], cache_v[..., :0, :]
         keys = torch.cat([mem_k, cache_k, past_k, k], dim=-2)  # (B, H, m + C + P + T, D)
         vals = torch.cat([mem_v, cache_v, past_v, v], dim=-2)
         # candidates: memory always; cache entries right-aligned, the last `cache_valid` valid;
@@ -143,22 +141,10 @@ class Attention(nn.Module):
                                          1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
         if self.record is not None:
             self.record.append({"q": q.detach(), "keys": keys.detach(), "mask": mask, "idx": idx, "w": w.detach()})
+        if skipped:  # idx renumbered to the cache's place
+            idx = idx + skipped * (idx >= m)
         out = out.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.proj(out), k, v, idx, w
-
-
-    def _forward_no_cache(self, x, q, k, v, mem_k, mem_v, past_k, past_v):
-        """forward's attention over memory, the segment so far and the piece (no cache); idx numbers
-        that concatenation."""
-        cfg = self.cfg
-        B, T, _ = x.shape
-        keys = torch.cat([mem_k, past_k, k], dim=-2)  # (B, H, m + P + T, D)
-        vals = torch.cat([mem_v, past_v, v], dim=-2)
-        mask = torch.ones(T, keys.shape[-2], dtype=torch.bool, device=x.device)
-        mask[:, keys.shape[-2] - T:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        out, idx, w = topk_attention(q, keys, vals, mask, cfg.top_k, cfg.normalizer,
-                                     1.0 / math.sqrt(cfg.head_dim), cfg.attn_chunk)
-        return self.proj(out.transpose(1, 2).reshape(B, T, cfg.d_model)), idx, w
 
     def _forward_parts(self, q, k, v, mem_k, mem_v, cache_k, cache_v, cache_valid, past_k, past_v, past_len):
         """The exported piece's attention (runtime contract v3): the keys/values stay in their parts

@@ -31,6 +31,13 @@ static inline int64_t key_f64(double f) {
     return f != f ? INT64_MAX : u;
 }
 
+/* is some idx[0, count) outside [0, n)? (the kernels that read rows at indices check them first) */
+static int bad_index(const int64_t *idx, int64_t count, int64_t n) {
+    int bad = 0;
+    for (int64_t i = 0; i < count; i++) bad |= idx[i] < 0 || idx[i] >= n;
+    return bad;
+}
+
 #define DEFINE_TOPK(NAME, T, K, KEY)                                                          \
     int NAME(const T *x, int64_t rows, int64_t n, int64_t k, T *val, int64_t *idx) {          \
         if (k < 1 || k > n || n > INT32_MAX) return 1;                                        \
@@ -65,33 +72,25 @@ DEFINE_TOPK(topk_f32, float, int32_t, key_f32)
 DEFINE_TOPK(topk_f64, double, int64_t, key_f64)
 
 int match_rows(const int64_t *a, const int64_t *b, int64_t rows, int64_t k, int64_t n, int64_t *pos) {
-    if (n < 1 || n > INT32_MAX) return 1;
+    if (n < 1 || n > INT32_MAX || bad_index(a, rows * k, n) || bad_index(b, rows * k, n)) return 1;
     int32_t *slot = malloc(n * sizeof(int32_t)); /* slot[key] = its place in a's row, or -1 */
     if (!slot) return 2;
     for (int64_t i = 0; i < n; i++) slot[i] = -1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t *ra = a + r * k, *rb = b + r * k;
-        int bad = 0;
-        for (int64_t i = 0; i < k; i++) {
-            bad |= ra[i] < 0 || ra[i] >= n;
-            if (!bad) slot[ra[i]] = (int32_t)i;
-        }
-        for (int64_t j = 0; j < k && !bad; j++) {
-            bad |= rb[j] < 0 || rb[j] >= n;
-            if (!bad) pos[r * k + j] = slot[rb[j]] >= 0 ? slot[rb[j]] : k;
-        }
-        for (int64_t i = 0; i < k; i++)
-            if (ra[i] >= 0 && ra[i] < n) slot[ra[i]] = -1;
-        if (bad) return free(slot), 1;
+        for (int64_t i = 0; i < k; i++) slot[ra[i]] = (int32_t)i;
+        for (int64_t j = 0; j < k; j++) pos[r * k + j] = slot[rb[j]] >= 0 ? slot[rb[j]] : k;
+        for (int64_t i = 0; i < k; i++) slot[ra[i]] = -1;
     }
     free(slot);
     return 0;
 }
 
 /* entmax15_sorted_f32 / _f64: entmax-1.5 of rows already sorted descending (the top-k values),
- * the same operations in the same order as ressformer/ops.py's entmax15_kernel(presorted=True), so
- * the same bits: x/2, max-shifted, clamped to -2 (NaN -> -2); the prefix sums accumulated in double
- * as torch's CPU cumsum does; the threshold at the end of the leading run of tau <= z. */
+ * the same operations in the same order as ressformer/ops.py's entmax15_kernel(presorted=True):
+ * x/2, max-shifted, clamped to -2 (NaN -> -2); the prefix sums accumulated in double as torch's CPU
+ * cumsum does; the threshold at the end of the leading run of tau <= z. (Within a few ulp of it:
+ * torch's vectorized sqrt is not correctly rounded, C's is.) */
 #define DEFINE_ENTMAX15(NAME, T)                                                              \
     int NAME(const T *x, int64_t rows, int64_t k, T *y) {                                     \
         if (k < 1) return 1;                                                                  \
@@ -139,13 +138,12 @@ DEFINE_ENTMAX15(entmax15_sorted_f64, double)
 #define DEFINE_ATTN_OUT(SUFFIX, T)                                                            \
     int attn_out_##SUFFIX(const T *restrict w, const T *restrict v, const int64_t *idx, int64_t heads, \
                           int64_t t, int64_t n, int64_t k, int64_t d, T *restrict out) {      \
+        if (bad_index(idx, heads * t * k, n)) return 1;                                       \
         for (int64_t r = 0; r < heads * t; r++) {                                             \
             T *restrict o = out + r * d;                                                      \
             for (int64_t c = 0; c < d; c++) o[c] = 0;                                         \
             for (int64_t j = 0; j < k; j++) {                                                 \
-                const int64_t x = idx[r * k + j];                                             \
-                if (x < 0 || x >= n) return 1;                                                \
-                const T a = w[r * k + j], *restrict vr = v + ((r / t) * n + x) * d;           \
+                const T a = w[r * k + j], *restrict vr = v + ((r / t) * n + idx[r * k + j]) * d; \
                 for (int64_t c = 0; c < d; c++) o[c] += a * vr[c];                            \
             }                                                                                 \
         }                                                                                     \
@@ -164,45 +162,41 @@ DEFINE_ATTN_OUT(f64, double)
 #define DEFINE_ATTN_BWD(SUFFIX, T)                                                            \
     int attn_dw_##SUFFIX(const T *go, const T *v, const int64_t *idx, int64_t heads, int64_t t, \
                          int64_t n, int64_t k, int64_t d, T *dw) {                            \
-        for (int64_t b = 0; b < heads; b++)                                                   \
-            for (int64_t i = 0; i < t; i++) {                                                 \
-                const T *g = go + (b * t + i) * d;                                            \
-                const int64_t *ix = idx + (b * t + i) * k;                                    \
-                for (int64_t j = 0; j < k; j++) {                                             \
-                    if (ix[j] < 0 || ix[j] >= n) return 1;                                    \
-                    const T *vr = v + (b * n + ix[j]) * d;                                    \
-                    T acc[8] = {0}, s = 0; /* 8 lanes: a dot product the compiler vectorizes */ \
-                    int64_t c = 0;                                                            \
-                    for (; c + 8 <= d; c += 8)                                                \
-                        for (int l = 0; l < 8; l++) acc[l] += g[c + l] * vr[c + l];           \
-                    for (; c < d; c++) s += g[c] * vr[c];                                     \
-                    for (int l = 0; l < 8; l++) s += acc[l];                                  \
-                    dw[(b * t + i) * k + j] = s;                                              \
-                }                                                                             \
+        if (bad_index(idx, heads * t * k, n)) return 1;                                       \
+        for (int64_t r = 0; r < heads * t; r++) {                                             \
+            const T *g = go + r * d;                                                          \
+            for (int64_t j = 0; j < k; j++) {                                                 \
+                const T *vr = v + ((r / t) * n + idx[r * k + j]) * d;                         \
+                T acc[8] = {0}, s = 0; /* 8 lanes: a dot product the compiler vectorizes */   \
+                int64_t c = 0;                                                                \
+                for (; c + 8 <= d; c += 8)                                                    \
+                    for (int l = 0; l < 8; l++) acc[l] += g[c + l] * vr[c + l];               \
+                for (; c < d; c++) s += g[c] * vr[c];                                         \
+                for (int l = 0; l < 8; l++) s += acc[l];                                      \
+                dw[r * k + j] = s;                                                            \
             }                                                                                 \
+        }                                                                                     \
         return 0;                                                                             \
     }                                                                                         \
     int attn_grads_##SUFFIX(const T *restrict ds, const T *restrict w, const T *restrict q,   \
                             const T *restrict go, const T *restrict kx, const int64_t *idx,   \
                             int64_t heads, int64_t t, int64_t n, int64_t k, int64_t d,        \
                             T *restrict dq, T *restrict dk, T *restrict dv) {                 \
-        for (int64_t b = 0; b < heads; b++)                                                   \
-            for (int64_t i = 0; i < t; i++) {                                                 \
-                const int64_t r = b * t + i, *ix = idx + r * k;                               \
-                const T *restrict qr = q + r * d, *restrict gr = go + r * d;                  \
-                T *restrict dqr = dq + r * d;                                                 \
-                for (int64_t c = 0; c < d; c++) dqr[c] = 0;                                   \
-                for (int64_t j = 0; j < k; j++) {                                             \
-                    if (ix[j] < 0 || ix[j] >= n) return 1;                                    \
-                    const int64_t row = (b * n + ix[j]) * d;                                  \
-                    const T s = ds[r * k + j], a = w[r * k + j];                              \
-                    const T *restrict kr = kx + row;                                          \
-                    T *restrict dkr = dk + row, *restrict dvr = dv + row;                     \
-                    for (int64_t c = 0; c < d; c++) dqr[c] += s * kr[c];                      \
-                    for (int64_t c = 0; c < d; c++) dkr[c] += s * qr[c];                      \
-                    for (int64_t c = 0; c < d; c++) dvr[c] += a * gr[c];                      \
-                }                                                                             \
+        if (bad_index(idx, heads * t * k, n)) return 1;                                       \
+        for (int64_t r = 0; r < heads * t; r++) {                                             \
+            const T *restrict qr = q + r * d, *restrict gr = go + r * d;                      \
+            T *restrict dqr = dq + r * d;                                                     \
+            for (int64_t c = 0; c < d; c++) dqr[c] = 0;                                       \
+            for (int64_t j = 0; j < k; j++) {                                                 \
+                const int64_t row = ((r / t) * n + idx[r * k + j]) * d;                       \
+                const T s = ds[r * k + j], a = w[r * k + j];                                  \
+                const T *restrict kr = kx + row;                                              \
+                T *restrict dkr = dk + row, *restrict dvr = dv + row;                         \
+                for (int64_t c = 0; c < d; c++) dqr[c] += s * kr[c];                          \
+                for (int64_t c = 0; c < d; c++) dkr[c] += s * qr[c];                          \
+                for (int64_t c = 0; c < d; c++) dvr[c] += a * gr[c];                          \
             }                                                                                 \
+        }                                                                                     \
         return 0;                                                                             \
     }
 

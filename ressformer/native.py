@@ -100,18 +100,35 @@ def lib() -> ctypes.CDLL | None:
     return _LIB
 
 
-def _split(fn, rows: int, work: int, *args) -> None:
+def _split(fn, rows: int, work: int) -> None:
     """fn(r0, r1) over row ranges, on torch's intra-op thread count where there is enough work."""
     global _POOL
     n = min(torch.get_num_threads(), rows, max(1, work // 200_000))
     if n <= 1:
-        fn(0, rows, *args)
+        fn(0, rows)
         return
     if _POOL is None or _POOL._max_workers < n:
         _POOL = ThreadPoolExecutor(n, thread_name_prefix="ressformer-native")
     step = -(-rows // n)
-    for f in [_POOL.submit(fn, r, min(r + step, rows), *args) for r in range(0, rows, step)]:
+    for f in [_POOL.submit(fn, r, min(r + step, rows)) for r in range(0, rows, step)]:
         f.result()
+
+
+ROWS = object()  # _call's placeholder for a block's row count
+
+
+def _call(name: str, dtype, rows: int, work: int, error: str, *args) -> None:
+    """The C function `name` (+ _f32/_f64 for a float dtype) over blocks of `rows` rows, split across
+    threads: an argument (tensor, n) passes the block's pointer, n elements a row; ROWS the block's row
+    count; anything else as is. A nonzero return raises ValueError(error)."""
+    fn = getattr(_LIB, name if dtype is None else f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+    def block(r0, r1):
+        if r1 > r0 and fn(*(r1 - r0 if a is ROWS else a[0].data_ptr() + r0 * a[1] * a[0].element_size()
+                            if isinstance(a, tuple) else a for a in args)):
+            raise ValueError(error)
+
+    _split(block, rows, work)
 
 
 def usable(*ts: torch.Tensor) -> bool:
@@ -128,14 +145,8 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     rows = x.numel() // n
     val = x.new_empty((*x.shape[:-1], k))
     idx = torch.empty((*x.shape[:-1], k), dtype=torch.long)
-    fn = _LIB.topk_f32 if x.dtype == torch.float32 else _LIB.topk_f64
-    xp, vp, ip, es = x.data_ptr(), val.data_ptr(), idx.data_ptr(), x.element_size()
-
-    def run(r0, r1):
-        if r1 > r0 and fn(xp + r0 * n * es, r1 - r0, n, k, vp + r0 * k * es, ip + r0 * k * 8):
-            raise ValueError(f"topk: k={k} out of range for rows of {n}")
-
-    _split(run, rows, rows * n)
+    _call("topk", x.dtype, rows, rows * n, f"topk: k={k} out of range for rows of {n}",
+          (x, n), ROWS, n, k, (val, k), (idx, k))
     return val, idx
 
 
@@ -149,14 +160,7 @@ def entmax15_sorted(x: torch.Tensor) -> torch.Tensor | None:
     x = x.detach().contiguous()
     y = torch.empty_like(x)
     rows = x.numel() // k
-    fn = _LIB.entmax15_sorted_f32 if x.dtype == torch.float32 else _LIB.entmax15_sorted_f64
-    xp, yp, es = x.data_ptr(), y.data_ptr(), x.element_size()
-
-    def run(r0, r1):
-        if r1 > r0 and fn(xp + r0 * k * es, r1 - r0, k, yp + r0 * k * es):
-            raise MemoryError("entmax15_sorted: out of memory")
-
-    _split(run, rows, rows * k * 8)
+    _call("entmax15_sorted", x.dtype, rows, rows * k * 8, "entmax15_sorted: out of memory", (x, k), ROWS, k, (y, k))
     return y
 
 
@@ -168,19 +172,11 @@ def attention_out(w: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.
             or idx.shape != w.shape or not usable(w)):
         return None
     w, v, idx = w.detach().contiguous(), v.detach().contiguous(), idx.contiguous()
-    out = w.new_empty((*lead, t, D))
-    heads, es = w.numel() // max(t * kk, 1), w.element_size()
-    fn = _LIB.attn_out_f32 if w.dtype == torch.float32 else _LIB.attn_out_f64
-
-    def run(b0, b1):
-        if b1 > b0 and fn(w.data_ptr() + b0 * t * kk * es, v.data_ptr() + b0 * N * D * es,
-                          idx.data_ptr() + b0 * t * kk * 8, b1 - b0, t, N, kk, D, out.data_ptr() + b0 * t * D * es):
-            raise ValueError(f"attention: a selected index outside [0, {N})")
-
-    if t * kk:
-        _split(run, heads, heads * t * kk * D)
-    else:
-        out.zero_()
+    out = w.new_zeros((*lead, t, D))
+    heads = w.numel() // max(t * kk, 1)
+    if t * kk:  # blocks of heads
+        _call("attn_out", w.dtype, heads, heads * t * kk * D, f"attention: a selected index outside [0, {N})",
+              (w, t * kk), (v, N * D), (idx, t * kk), ROWS, t, N, kk, D, (out, t * D))
     return out
 
 
@@ -194,33 +190,18 @@ def attention_backward(q, k, v, idx, w, d_out, d_w, vjp, scale: float):
     if (q.dtype not in (torch.float32, torch.float64) or any(t.dtype != q.dtype for t in ts)
             or k.shape[:-2] != lead or v.shape != k.shape or idx.shape[:-1] != (*lead, T) or not usable(q)):
         return None
-    sfx = "f32" if q.dtype == torch.float32 else "f64"
     q, k, v, idx, w, d_out = (t.detach().contiguous() for t in (q, k, v, idx, w, d_out))
-    heads = q.numel() // max(T * D, 1)
-    es = q.element_size()
+    heads, work = q.numel() // max(T * D, 1), q.numel() * kk  # blocks of heads
+    error = f"attention backward: a selected index outside [0, {N})"
     dw = torch.empty_like(w)
-    dw_fn, grads_fn = getattr(_LIB, f"attn_dw_{sfx}"), getattr(_LIB, f"attn_grads_{sfx}")
-
-    def run_dw(b0, b1):
-        if b1 > b0 and dw_fn(d_out.data_ptr() + b0 * T * D * es, v.data_ptr() + b0 * N * D * es,
-                             idx.data_ptr() + b0 * T * kk * 8, b1 - b0, T, N, kk, D, dw.data_ptr() + b0 * T * kk * es):
-            raise ValueError(f"attention backward: a selected index outside [0, {N})")
-
-    work = heads * T * kk * D
-    _split(run_dw, heads, work)
+    _call("attn_dw", q.dtype, heads, work, error, (d_out, T * D), (v, N * D), (idx, T * kk), ROWS, T, N, kk, D,
+          (dw, T * kk))
     if d_w is not None:
         dw += d_w
     ds = (vjp(w, dw) * scale).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-
-    def run_grads(b0, b1):
-        o_t, o_n, o_k = b0 * T * D * es, b0 * N * D * es, b0 * T * kk * es
-        if b1 > b0 and grads_fn(ds.data_ptr() + o_k, w.data_ptr() + o_k, q.data_ptr() + o_t, d_out.data_ptr() + o_t,
-                                k.data_ptr() + o_n, idx.data_ptr() + b0 * T * kk * 8, b1 - b0, T, N, kk, D,
-                                dq.data_ptr() + o_t, dk.data_ptr() + o_n, dv.data_ptr() + o_n):
-            raise ValueError(f"attention backward: a selected index outside [0, {N})")
-
-    _split(run_grads, heads, 3 * work)
+    _call("attn_grads", q.dtype, heads, 3 * work, error, (ds, T * kk), (w, T * kk), (q, T * D), (d_out, T * D),
+          (k, N * D), (idx, T * kk), ROWS, T, N, kk, D, (dq, T * D), (dk, N * D), (dv, N * D))
     return dq, dk, dv
 
 
@@ -233,12 +214,7 @@ def match(idx_a: torch.Tensor, idx_b: torch.Tensor, n: int) -> torch.Tensor | No
     a, b = idx_a.contiguous(), idx_b.contiguous()
     rows = a.numel() // max(k, 1)
     pos = torch.empty_like(a)
-    ap, bp, pp = a.data_ptr(), b.data_ptr(), pos.data_ptr()
-
-    def run(r0, r1):
-        if r1 > r0 and _LIB.match_rows(ap + r0 * k * 8, bp + r0 * k * 8, r1 - r0, k, n, pp + r0 * k * 8):
-            raise ValueError(f"match: an index outside [0, {n})")
-
     if k:
-        _split(run, rows, rows * k * 8)
+        _call("match_rows", None, rows, rows * k * 8, f"match: an index outside [0, {n})",
+              (a, k), (b, k), ROWS, k, n, (pos, k))
     return pos
