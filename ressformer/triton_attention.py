@@ -10,8 +10,14 @@ block of BLOCK_M queries):
   kernel's); then entmax-1.5 / sparsemax / softmax on the k sorted values (cumsum threshold, no
   sort) and the weighted sum of the k selected value rows. Nothing of size T x N is stored.
 * backward: from the saved indices and weights only: the selected key/value rows gathered, the
-  closed-form normalizer backward on the k weights, dq written, dk/dv accumulated with float32
-  (float64) atomic adds at the selected rows.
+  closed-form normalizer backward on the k weights, dq written; dk/dv either accumulated with
+  float32 (float64) atomic adds at the selected rows (`gather`, the default), or (`tiles`, issue 22)
+  without atomics: the first kernel stores the score gradients ds (T x k), a second kernel runs one
+  program per block of BLOCK_N keys over the blocks of queries, expands the (query, slot) pairs
+  that picked one of its keys into dense (BLOCK_M x BLOCK_N) tiles of ds and w, and multiplies them
+  with `tl.dot` (dK += dSᵀ Q, dV += Wᵀ dO): tensor-core tiles and the same sums on every run (atomics
+  add in any order). Query blocks without a pick in the key block are skipped. Chosen by
+  `BACKWARD` (env RESSFORMER_TRITON_BACKWARD=gather|tiles); float64 always takes `gather`.
 
 Scores are computed like the PyTorch kernel (float32 products, then `* scale`; half inputs are
 rounded to their dtype at the same two points), so equal inputs give the same selection unless
@@ -23,6 +29,8 @@ Runs on a CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +38,11 @@ import triton.language as tl
 NORM_ID = {"entmax15": 0, "sparsemax": 1, "softmax": 2}
 MAX_KP = 128  # larger selections (e.g. top_k = 0 over long contexts) use the PyTorch kernel
 BLOCK_M = 16
+BLOCK_N = 32  # keys per program of the `tiles` backward's dk/dv kernel
+BACKWARDS = ("gather", "tiles")
+BACKWARD = os.environ.get("RESSFORMER_TRITON_BACKWARD", "gather")
+if BACKWARD not in BACKWARDS:
+    raise ValueError(f"RESSFORMER_TRITON_BACKWARD={BACKWARD!r}: use one of {', '.join(BACKWARDS)}")
 HAS_TOPK = hasattr(tl, "topk")  # Triton >= 3.3 or so; else a sort of the merged candidates
 
 
@@ -125,9 +138,9 @@ def _fwd_kernel(Q, K, V, MASK, OUT, IDX, W, T, N, scale,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, IDX, W, DO, DW, DQ, DK, DV, T, N, scale,
+def _bwd_kernel(Q, K, V, IDX, W, DO, DW, DQ, DK, DV, DS, T, N, scale,
                 D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr, KP: tl.constexpr,
-                BLOCK_M: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
+                BLOCK_M: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, ATOMIC: tl.constexpr):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dc = tl.arange(0, DP)
@@ -160,8 +173,50 @@ def _bwd_kernel(Q, K, V, IDX, W, DO, DW, DQ, DK, DV, T, N, scale,
     kr = tl.load(K + bh * N * D + rows3, mask=m3, other=0.0).to(ACC)
     dq = tl.sum(ds[:, :, None] * kr, axis=1)
     tl.store(DQ + bh * T * D + rows[:, None] * D + dc[None, :], dq.to(DQ.dtype.element_ty), mask=rd)
-    tl.atomic_add(DK + bh * N * D + rows3, ds[:, :, None] * q[:, None, :], mask=m3)
-    tl.atomic_add(DV + bh * N * D + rows3, w[:, :, None] * go[:, None, :], mask=m3)
+    if ATOMIC:
+        tl.atomic_add(DK + bh * N * D + rows3, ds[:, :, None] * q[:, None, :], mask=m3)
+        tl.atomic_add(DV + bh * N * D + rows3, w[:, :, None] * go[:, None, :], mask=m3)
+    else:  # dk/dv by _bwd_kv_kernel, from these ds
+        tl.store(DS + bh * T * KK + at, ds.to(DS.dtype.element_ty), mask=sel)
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, IDX, W, DS, DO, DK, DV, T, N,
+                   D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """dK/dV of BLOCK_N keys: over the query blocks, the picks of these keys as dense (M, BLOCK_N) tiles
+    of ds and w, times the queries' q and dO (`tl.dot`); no atomics."""
+    bh = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dc = tl.arange(0, DP)
+    acc_k = tl.zeros((BLOCK_N, DP), tl.float32)
+    acc_v = tl.zeros((BLOCK_N, DP), tl.float32)
+    for m0 in range(0, T, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < T
+        dsp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        wp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        hits = 0
+        for j in tl.static_range(KK):  # slot by slot: (M, BLOCK_N) registers, not (M, KK, BLOCK_N)
+            at = bh * T * KK + rows * KK + j
+            i = tl.load(IDX + at, mask=rmask, other=-1)
+            hit = i[:, None] == cols[None, :]
+            hits += tl.sum(hit.to(tl.int32))
+            dsp += tl.where(hit, tl.load(DS + at, mask=rmask, other=0.0).to(tl.float32)[:, None], 0.0)
+            wp += tl.where(hit, tl.load(W + at, mask=rmask, other=0.0).to(tl.float32)[:, None], 0.0)
+        if hits > 0:
+            rd = rmask[:, None] & (dc < D)[None, :]
+            q = tl.load(Q + bh * T * D + rows[:, None] * D + dc[None, :], mask=rd, other=0.0)
+            go = tl.load(DO + bh * T * D + rows[:, None] * D + dc[None, :], mask=rd, other=0.0)
+            if DOT == 0:  # float32 inputs: exact float32 products and sums (no TF32)
+                acc_k += tl.dot(tl.trans(dsp), q, input_precision="ieee")
+                acc_v += tl.dot(tl.trans(wp), go, input_precision="ieee")
+            else:  # half inputs (exact in TF32): TF32 tensor-core tiles, float32 sums; ds and w keep 10 bits
+                acc_k += tl.dot(tl.trans(dsp), q.to(tl.float32), input_precision="tf32")
+                acc_v += tl.dot(tl.trans(wp), go.to(tl.float32), input_precision="tf32")
+    kd = (cols < N)[:, None] & (dc < D)[None, :]
+    tl.store(DK + bh * N * D + cols[:, None] * D + dc[None, :], acc_k.to(DK.dtype.element_ty), mask=kd)
+    tl.store(DV + bh * N * D + cols[:, None] * D + dc[None, :], acc_v.to(DV.dtype.element_ty), mask=kd)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -201,18 +256,36 @@ def topk_attention_fwd(q, k, v, mask, top_k: int, normalizer: str, scale: float)
     return out.view(q.shape), idx.view(*lead, T, kk), w.view(*lead, T, kk)
 
 
-def topk_attention_bwd(q, k, v, idx, w, d_out, d_w, normalizer: str, scale: float):
-    """(dq, dk, dv) as `ops.topk_attention_backward`, from the selection (idx, w) alone."""
+def topk_attention_bwd(q, k, v, idx, w, d_out, d_w, normalizer: str, scale: float, method: str | None = None):
+    """(dq, dk, dv) as `ops.topk_attention_backward`, from the selection (idx, w) alone. method:
+    gather | tiles (default `BACKWARD`; float64 always gather)."""
+    method = method or BACKWARD
+    if method not in BACKWARDS:
+        raise ValueError(f"unknown backward {method!r}; use one of {', '.join(BACKWARDS)}")
     T, N, D = q.shape[-2], k.shape[-2], q.shape[-1]
     kk = idx.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    tiles = method == "tiles" and acc == torch.float32
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     BH = qf.shape[0]
     dq = torch.empty_like(qf)
-    dk = torch.zeros(kf.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(vf.shape, dtype=acc, device=q.device)
+    if tiles:  # ds (T x k, float32) for _bwd_kv_kernel; dk/dv written there, not accumulated
+        ds = torch.empty((BH, T, kk), dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(kf), torch.empty_like(vf)
+    else:
+        ds = dq  # unused
+        dk = torch.zeros(kf.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(vf.shape, dtype=acc, device=q.device)
+    idx_f, w_f, do_f = _flat(idx), _flat(w), _flat(d_out)
     grid = (BH, triton.cdiv(T, BLOCK_M))
-    _bwd_kernel[grid](qf, kf, vf, _flat(idx), _flat(w), _flat(d_out), _flat(d_w), dq, dk, dv, T, N, float(scale),
-                      D=D, DP=_pow2(D, 2), KK=kk, KP=_pow2(kk, 2),
-                      BLOCK_M=BLOCK_M, NORM=NORM_ID[normalizer], ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    DP = _pow2(D, 16) if tiles else _pow2(D, 2)  # tl.dot: tiles of 16 or more
+    _bwd_kernel[grid](qf, kf, vf, idx_f, w_f, do_f, _flat(d_w), dq, dk, dv, ds, T, N, float(scale),
+                      D=D, DP=DP, KK=kk, KP=_pow2(kk, 2),
+                      BLOCK_M=BLOCK_M, NORM=NORM_ID[normalizer], ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                      ATOMIC=not tiles)
+    if tiles:
+        _bwd_kv_kernel[(BH, triton.cdiv(N, BLOCK_N))](qf, idx_f, w_f, ds, do_f, dk, dv, T, N, D=D, DP=DP, KK=kk,
+                                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                                     DOT=int(q.dtype != torch.float32))
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
     return dq.view(q.shape), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)

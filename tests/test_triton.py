@@ -70,27 +70,60 @@ def test_forward_half_equals_pytorch_kernel(ta, dtype):
     torch.testing.assert_close(out.float(), r_out.float(), atol=3e-2, rtol=0)
 
 
-@pytest.mark.parametrize("normalizer", NORMALIZERS)
-def test_backward_equals_sparse_backward_float64_and_float32(ta, normalizer):
-    q, k, v, mask = case(torch.float64, grid=False)
+def backward_case(normalizer, T=16, N=27):
+    q, k, v, mask = case(torch.float64, grid=False, T=T, N=N)
     _, idx, w = ops.topk_attention_kernel(q, k, v, mask, 6, normalizer, 0.5)
     g = torch.Generator().manual_seed(1)
     d_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEV)
     d_w = torch.randn(w.shape, generator=g, dtype=torch.float64).to(DEV)
     want = ops.topk_attention_backward(q, k, v, idx, w, d_out, d_w, normalizer, 0.5, gather=True)
-    got = ta.topk_attention_bwd(q, k, v, idx, w, d_out, d_w, normalizer, 0.5)
+    return (q, k, v, idx, w, d_out, d_w), want
+
+
+@pytest.mark.parametrize("method", ("gather", "tiles"))
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_backward_equals_sparse_backward_float64_and_float32(ta, normalizer, method):
+    (q, k, v, idx, w, d_out, d_w), want = backward_case(normalizer)
+    got = ta.topk_attention_bwd(q, k, v, idx, w, d_out, d_w, normalizer, 0.5, method=method)  # float64: gather
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-12
     got32 = ta.topk_attention_bwd(*(t.float() for t in (q, k, v)), idx, w.float(), d_out.float(), d_w.float(),
-                                  normalizer, 0.5)
+                                  normalizer, 0.5, method=method)
     for a, b in zip(got32, want):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
-def test_custom_op_selects_triton_and_gradcheck_float64(ta, monkeypatch):
+def test_tiles_backward_spans_blocks_and_half_inputs(ta):
+    """The `tiles` backward over several query and key blocks (T > BLOCK_M, N > BLOCK_N, keys picked
+    from many blocks), in float32 and bfloat16, against the float64 sparse backward; its dk/dv are the
+    same bits on every run (no atomics)."""
+    T, N = 2 * ta.BLOCK_M + 3, 2 * ta.BLOCK_N + 5
+    (q, k, v, idx, w, d_out, d_w), want = backward_case("entmax15", T=T, N=N)
+    assert len(set(idx.flatten().tolist()) & set(range(ta.BLOCK_N, N))) > 5  # picks beyond the first key block
+    f32 = [t.float() for t in (q, k, v)] + [idx, w.float(), d_out.float(), d_w.float()]
+    got = ta.topk_attention_bwd(*f32, "entmax15", 0.5, method="tiles")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+    again = ta.topk_attention_bwd(*f32, "entmax15", 0.5, method="tiles")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    bf = [t.bfloat16() if t.is_floating_point() else t for t in f32]
+    got16 = ta.topk_attention_bwd(*bf, "entmax15", 0.5, method="tiles")
+    ref16 = ta.topk_attention_bwd(*bf, "entmax15", 0.5, method="gather")
+    for a, b, c in zip(got16, ref16, want):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(a.double(), c, atol=6e-2, rtol=6e-2)
+    with pytest.raises(ValueError, match="unknown backward"):
+        ta.topk_attention_bwd(*f32, "entmax15", 0.5, method="dense")
+
+
+@pytest.mark.parametrize("method", ("gather", "tiles"))
+def test_custom_op_selects_triton_and_gradcheck_float64(ta, monkeypatch, method):
     """ops.TRITON=True routes the custom op through the kernels (automatic on CUDA): float32 forward
-    and backward equal the PyTorch path's; float64 (PyTorch forward, Triton backward) passes gradcheck."""
+    and backward (either backward: triton_attention.BACKWARD) equal the PyTorch path's; float64
+    (PyTorch forward, Triton backward) passes gradcheck."""
+    monkeypatch.setattr(ta, "BACKWARD", method)
     q, k, v, mask = case(grid=True)
     results = []
     for flag in (False, True):
