@@ -15,9 +15,10 @@ block of BLOCK_M queries):
   without atomics: the first kernel stores the score gradients ds (T x k), a second kernel runs one
   program per block of BLOCK_N keys over the blocks of queries, expands the (query, slot) pairs
   that picked one of its keys into dense (BLOCK_M x BLOCK_N) tiles of ds and w, and multiplies them
-  with `tl.dot` (dK += dSᵀ Q, dV += Wᵀ dO): tensor-core tiles and the same sums on every run (atomics
-  add in any order). Query blocks without a pick in the key block are skipped. Chosen by
-  `BACKWARD` (env RESSFORMER_TRITON_BACKWARD=gather|tiles); float64 always takes `gather`.
+  with `tl.dot` (dK += dSᵀ Q, dV += Wᵀ dO; TF32 tensor cores for half inputs, IEEE float32 for
+  float32): the same sums on every run (atomics add in any order). Query blocks without a pick in
+  the key block are skipped. Chosen by `BACKWARD` (env RESSFORMER_TRITON_BACKWARD=gather|tiles);
+  float64 always takes `gather`.
 
 Scores are computed like the PyTorch kernel (float32 products, then `* scale`; half inputs are
 rounded to their dtype at the same two points), so equal inputs give the same selection unless
