@@ -113,6 +113,9 @@ def ressformer_weights(export_dir, context: int, threads: int, work: Path):
            and e["name"].endswith("_kernel_time") and e.get("args", {}).get("op_name") in WEIGHT_OPS
            and _ran_rows(e) > 0}
     opt = onnx.load(str(work / "opt" / ref.meta["graphs"][piece]["file"]))
+    if any(n.op_type == "If" for n in opt.graph.node):  # the hybrid expert layer: its nodes sit in branches
+        raise ValueError(f"{export_dir}: a hybrid export (--experts hybrid) is not supported; "
+                         "split one exported with --experts dispatch or qmoe")
     inits = {i.name: i for i in opt.graph.initializer}
     nodes, widths = [], {}
     for n in opt.graph.node:

@@ -61,6 +61,13 @@ def test_weights_are_the_matmuls_a_decoded_token_runs(tiny_checkpoint, tmp_path,
     assert df.weight_bytes(nodes, inits) > 0
 
 
+def test_hybrid_export_is_refused(tiny_checkpoint, tmp_path):
+    ex = export_checkpoint(tiny_checkpoint, tmp_path / "ex", quantize="int4", experts="hybrid", validate=None,
+                           progress=lambda s: None)
+    with pytest.raises(ValueError, match="hybrid export"):
+        df.ressformer_weights(ex, CONTEXT, 1, tmp_path)
+
+
 def test_measure_splits_a_token(tiny_export):
     rep = df.measure(tiny_export, context=CONTEXT, tokens=3, threads=1, rounds=1, progress=lambda s: None)
     assert rep["token_ms"] >= rep["run_ms"] > rep["weights_ms"] > 0
