@@ -46,11 +46,10 @@ def weight_width(node, inits: dict) -> int | None:
     if node.op_type == "MatMulNBits":
         return int(_attrs(node)["K"])
     if node.op_type in ("MatMul", "FusedMatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
-        dims = list(inits[node.input[1]].dims)
-        if len(dims) != 2:
+        dims, attrs = list(inits[node.input[1]].dims), _attrs(node)
+        if len(dims) != 2 or attrs.get("transA", 0):  # fed (1, K) rows below: A as it is
             return None
-        trans = _attrs(node).get("transB", 0)
-        return int(dims[1] if trans else dims[0])
+        return int(dims[1] if attrs.get("transB", 0) else dims[0])
     return None
 
 
