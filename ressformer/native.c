@@ -158,7 +158,9 @@ DEFINE_ATTN_OUT(f64, double)
  *   attn_dw:    dw[b, i, j] = go[b, i, :] . v[b, idx[b, i, j], :]
  *   attn_grads: dq[b, i, :] = sum_j ds[b, i, j] k[b, idx, :]; dk[b, idx, :] += ds[b, i, j] q[b, i, :];
  *               dv[b, idx, :] += w[b, i, j] go[b, i, :]   (dk, dv zeroed by the caller)
- * No n-wide rows; heads are independent, so callers split them across threads. */
+ * No n-wide rows; heads are independent, so callers split them across threads. attn_grads sums dq
+ * itself (attn_out's loop with ds and k) in the same pass as dk/dv: calling attn_out for dq and
+ * then scattering dk/dv took 24-26 ms against 19 ms for one `small` backward (8 x 8 x 256 x 416). */
 #define DEFINE_ATTN_BWD(SUFFIX, T)                                                            \
     int attn_dw_##SUFFIX(const T *go, const T *v, const int64_t *idx, int64_t heads, int64_t t, \
                          int64_t n, int64_t k, int64_t d, T *dw) {                            \
