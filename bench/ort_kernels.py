@@ -65,7 +65,10 @@ def _topk(scores, k, threads) -> ort.InferenceSession:
 def measure(heads: int, head_dim: int, keys: int, top_k: int, piece: int, threads: int = 2,
             calls: int = 2000, rounds: int = 5, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
     q, kmat, w = f32(1, heads, 1, head_dim), f32(1, heads, keys, head_dim), f32(1, heads, 1, keys)
     k = min(top_k, keys)
     rows = {"decode": f32(1, heads, 1, keys), "piece": f32(1, heads, piece, keys)}
