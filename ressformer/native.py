@@ -66,18 +66,20 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         lib = ctypes.CDLL(str(so))
-    for name in ("topk_f32", "topk_f64"):
-        getattr(lib, name).argtypes = [_P, _I, _I, _I, _P, _P]
-    for name in ("entmax15_sorted_f32", "entmax15_sorted_f64"):
-        getattr(lib, name).argtypes = [_P, _I, _I, _P]
-    for name in ("attn_out_f32", "attn_out_f64"):
-        getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _P]
-    for name in ("attn_dw_f32", "attn_dw_f64"):
-        getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _P]
-    for name in ("attn_grads_f32", "attn_grads_f64"):
-        getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P]
-    lib.match_rows.argtypes = [_P, _P, _I, _I, _I, _P]
+    for name, argtypes in _SIGNATURES.items():
+        for fn in ([name] if name == "match_rows" else [f"{name}_f32", f"{name}_f64"]):
+            getattr(lib, fn).argtypes = argtypes
     return lib
+
+
+_SIGNATURES = {  # native.c's functions (float ones as _f32 and _f64): pointers _P, int64 _I
+    "topk": [_P, _I, _I, _I, _P, _P],
+    "entmax15_sorted": [_P, _I, _I, _P],
+    "attn_out": [_P, _P, _P, _I, _I, _I, _I, _I, _P],
+    "attn_dw": [_P, _P, _P, _I, _I, _I, _I, _I, _P],
+    "attn_grads": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
+    "match_rows": [_P, _P, _I, _I, _I, _P],
+}
 
 
 def lib() -> ctypes.CDLL | None:

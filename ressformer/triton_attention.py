@@ -184,7 +184,7 @@ def _bwd_kernel(Q, K, V, IDX, W, DO, DW, DQ, DK, DV, DS, T, N, scale,
 @triton.jit
 def _bwd_kv_kernel(Q, IDX, W, DS, DO, DK, DV, T, N,
                    D: tl.constexpr, DP: tl.constexpr, KK: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV of BLOCK_N keys: over the query blocks, the picks of these keys as dense (M, BLOCK_N) tiles
     of ds and w, times the queries' q and dO (`tl.dot`); no atomics."""
     bh = tl.program_id(0)
@@ -209,12 +209,10 @@ def _bwd_kv_kernel(Q, IDX, W, DS, DO, DK, DV, T, N,
             rd = rmask[:, None] & (dc < D)[None, :]
             q = tl.load(Q + bh * T * D + rows[:, None] * D + dc[None, :], mask=rd, other=0.0)
             go = tl.load(DO + bh * T * D + rows[:, None] * D + dc[None, :], mask=rd, other=0.0)
-            if DOT == 0:  # float32 inputs: exact float32 products and sums (no TF32)
-                acc_k += tl.dot(tl.trans(dsp), q, input_precision="ieee")
-                acc_v += tl.dot(tl.trans(wp), go, input_precision="ieee")
-            else:  # half inputs (exact in TF32): TF32 tensor-core tiles, float32 sums; ds and w keep 10 bits
-                acc_k += tl.dot(tl.trans(dsp), q.to(tl.float32), input_precision="tf32")
-                acc_v += tl.dot(tl.trans(wp), go.to(tl.float32), input_precision="tf32")
+            # PRECISION "ieee" for float32 inputs (exact float32 products and sums), "tf32" for half
+            # inputs (exact in TF32: tensor-core tiles, float32 sums; ds and w keep 10 bits)
+            acc_k += tl.dot(tl.trans(dsp), q.to(tl.float32), input_precision=PRECISION)
+            acc_v += tl.dot(tl.trans(wp), go.to(tl.float32), input_precision=PRECISION)
     kd = (cols < N)[:, None] & (dc < D)[None, :]
     tl.store(DK + bh * N * D + cols[:, None] * D + dc[None, :], acc_k.to(DK.dtype.element_ty), mask=kd)
     tl.store(DV + bh * N * D + cols[:, None] * D + dc[None, :], acc_v.to(DV.dtype.element_ty), mask=kd)
@@ -287,6 +285,6 @@ def topk_attention_bwd(q, k, v, idx, w, d_out, d_w, normalizer: str, scale: floa
     if tiles:
         _bwd_kv_kernel[(BH, triton.cdiv(N, BLOCK_N))](qf, idx_f, w_f, ds, do_f, dk, dv, T, N, D=D, DP=DP, KK=kk,
                                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                                     DOT=int(q.dtype != torch.float32))
+                                                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
     return dq.view(q.shape), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)
