@@ -27,6 +27,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from ressformer.bench import decode_floor
 
 from ressformer.config import PRESETS, ReSSFormerConfig
 from ressformer.fsutil import write_json
@@ -39,9 +40,7 @@ def _session(node, inputs: dict, threads: int, inits=()) -> ort.InferenceSession
     outs = [helper.make_empty_tensor_value_info(o) for o in node.output]
     model = helper.make_model(helper.make_graph([node], "k", vi, outs, list(inits)),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return decode_floor._session(model.SerializeToString(), threads)  # options as the runtime's sessions
 
 
 def _time(sess, feeds, calls: int, rounds: int) -> float:
